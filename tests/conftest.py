@@ -26,3 +26,14 @@ def two_replica_strategy():
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     assert len(devices) == 2, devices
     return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture(scope="session")
+def ph2_records(tmp_path_factory):
+    """The embedded PH² set converted once per test session (199 lesion bags, 3,980 patches)."""
+    from data_pipelines import writer
+    from data_pipelines.sources import ph2
+
+    out = tmp_path_factory.mktemp("ph2_records")
+    writer.write_dataset(ph2.build(), str(out), salt=b"test-salt", seed=0, overwrite=True)
+    return str(out)

@@ -1,0 +1,196 @@
+"""Streaming tf.data reader for case-bag records.
+
+Modes (DESIGN.md):
+- `simclr`: one image drawn from each case, two augmented views of it.
+- `micle`: two *distinct* images of the same case, each augmented; a one-image case falls back to
+  two views of its single image. The pair is re-drawn every time the case comes round (each
+  epoch), uniformly at random.
+- `supervised`: one element per image with its case's label and hashed case id (for image-level
+  training and for case-level evaluation, which averages a case's images).
+
+Determinism: every random choice (which image, which augmentation) is a stateless op fed by a
+per-element seed from `tf.data.Dataset.random(seed)`, zipped in after shuffle/repeat; file order,
+interleave and shuffle are seeded and the pipeline is deterministic, so one seed gives one stream
+however many parallel calls run. Memory is bounded by the shuffle buffers, not the dataset size.
+"""
+import glob
+import os
+import re
+
+import tensorflow as tf
+
+from data_pipelines import schema
+from data_pipelines.decode import decode_image, resize_image
+from data_pipelines.writer import read_info
+
+MODES = ("simclr", "micle", "supervised")
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+def list_shards(data_dir, split):
+    """The shard files of a split, checked to be complete (all i of N present, one N)."""
+    paths = sorted(glob.glob(os.path.join(data_dir, f"{split}-*-of-*.tfrecord")))
+    found = {}
+    for p in paths:
+        m = _SHARD_RE.match(os.path.basename(p))
+        if m and m.group("split") == split:
+            found[int(m.group("index"))] = (int(m.group("count")), p)
+    if not found:
+        raise FileNotFoundError(f"no shards for split {split!r} in {data_dir}")
+    counts = {c for c, _ in found.values()}
+    if len(counts) != 1:
+        raise ValueError(f"split {split!r} in {data_dir} mixes shard sets of sizes {sorted(counts)}")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - set(found))
+    if missing:
+        raise FileNotFoundError(f"split {split!r} in {data_dir} is missing shard(s) "
+                                f"{missing[:10]} of {count}")
+    return [found[i][1] for i in range(count)]
+
+
+def _case_filter(case_ids):
+    keys = tf.constant(sorted(set(case_ids)), tf.string)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, tf.int32)), default_value=0)
+    return lambda case: tf.equal(table.lookup(case["case_id"]), 1)
+
+
+def _has_label(case):
+    label = case["label"]
+    if label.shape.rank == 0:
+        return label >= 0
+    return tf.reduce_any(label >= 0)
+
+
+def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=None, seed=0,
+                 training=True, shuffle_buffer=512, input_context=None, case_ids=None,
+                 labelled_only=False, drop_remainder=None, num_parallel_calls=tf.data.AUTOTUNE,
+                 cycle_length=4, info=None):
+    """Builds the dataset for one split.
+
+    batch_size: per-replica batch when `input_context` is given (see `distributed_dataset`),
+      else the global batch.
+    augment_fn: `fn(image, seed) -> [image_size, image_size, 3]` (stateless, e.g.
+      `micle_tf.augment.build_augment`). None = deterministic resize only.
+    training: True -> shuffled, repeated forever, augmented; False -> one ordered pass, no
+      augmentation (evaluation).
+    case_ids: optional iterable of hashed case ids to keep (label-fraction subsets).
+    labelled_only: drop unlabelled cases (counted nowhere: they are simply not training data).
+
+    Elements: contrastive modes -> {"view1", "view2": float32 [B,S,S,3], "label",
+    "case_id", "image_indices": int32 [B,2]}; supervised -> {"image", "label", "case_id"}.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown reader mode {mode!r}; expected one of {MODES}")
+    info = info or read_info(data_dir)
+    task, num_classes = info["task"], len(info["label_names"])
+    files = list_shards(data_dir, split)
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    if drop_remainder is None:
+        drop_remainder = training
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    shard_records = False
+    if num_pipelines > 1:
+        if len(files) >= num_pipelines:
+            ds = ds.shard(num_pipelines, pipeline_id)
+        else:  # fewer files than workers: every worker reads all files, keeps every k-th case
+            shard_records = True
+    if training:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
+                       block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shard_records:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    ds = ds.map(lambda r: schema.parse_case(r, task, num_classes),
+                num_parallel_calls=num_parallel_calls, deterministic=True)
+    if case_ids is not None:
+        ds = ds.filter(_case_filter(case_ids))
+    if labelled_only:
+        ds = ds.filter(_has_label)
+
+    if mode == "supervised":
+        ds = ds.map(lambda c: {"encoded": c["encoded"],
+                               "case_id": tf.fill(tf.shape(c["encoded"]), c["case_id"]),
+                               "label": tf.repeat(c["label"][tf.newaxis],
+                                                  tf.shape(c["encoded"])[0], axis=0)}
+                    ).unbatch()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True).repeat()
+    # One seed pair per element, drawn after shuffle/repeat: new draws every epoch, reproducible.
+    seeds = tf.data.Dataset.random(seed=seed * 1009 + pipeline_id).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds))
+
+    def view(image, s):
+        if augment_fn is not None and training:
+            out = augment_fn(image, s)
+        else:
+            out = resize_image(image, image_size)
+        return tf.ensure_shape(tf.cast(out, tf.float32), [image_size, image_size, 3])
+
+    if mode == "supervised":
+        def element(ex, s):
+            image = decode_image(ex["encoded"])
+            return {"image": view(image, s), "label": ex["label"], "case_id": ex["case_id"]}
+    else:
+        def element(case, s):
+            pick_i, pick_j, aug_1, aug_2 = tf.unstack(
+                tf.random.experimental.stateless_split(s, num=4))
+            n = tf.shape(case["encoded"])[0]
+            i = tf.random.stateless_uniform([], pick_i, 0, n, dtype=tf.int32)
+            if mode == "micle":  # j uniform over the other n-1 images, or i for a 1-image bag
+                j = tf.random.stateless_uniform([], pick_j, 0, tf.maximum(n - 1, 1),
+                                                dtype=tf.int32)
+                j = tf.where(n > 1, j + tf.cast(j >= i, tf.int32), i)
+            else:
+                j = i
+            image_i = decode_image(case["encoded"][i])
+            image_j = tf.cond(tf.equal(i, j), lambda: image_i,
+                              lambda: decode_image(case["encoded"][j]))
+            return {"view1": view(image_i, aug_1), "view2": view(image_j, aug_2),
+                    "label": case["label"], "case_id": case["case_id"],
+                    "image_indices": tf.stack([i, j])}
+
+    ds = ds.map(element, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def distributed_dataset(strategy, data_dir, split, mode, global_batch_size, image_size, **kwargs):
+    """Per-replica batches under `strategy.distribute_datasets_from_function`: each input
+    pipeline reads its own shards (or every k-th case when shards are fewer than pipelines) and
+    batches `global_batch_size / num_replicas` examples."""
+    info = kwargs.pop("info", None) or read_info(data_dir)
+    if global_batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                         f"{strategy.num_replicas_in_sync} replicas")
+
+    def dataset_fn(input_context):
+        return make_dataset(data_dir, split, mode,
+                            input_context.get_per_replica_batch_size(global_batch_size),
+                            image_size, input_context=input_context, info=info, **kwargs)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def read_case_index(data_dir, split, info=None):
+    """[(case_id, label, num_images)] of a split, in record order, without decoding images.
+    Used to pick label-fraction subsets and to check split disjointness."""
+    info = info or read_info(data_dir)
+    task, num_classes = info["task"], len(info["label_names"])
+    out = []
+    ds = tf.data.TFRecordDataset(list_shards(data_dir, split)).map(
+        lambda r: schema.parse_case(r, task, num_classes))
+    for case in ds.as_numpy_iterator():
+        label = case["label"]
+        if task == "multiclass":
+            label = int(label) if int(label) >= 0 else None
+        else:
+            label = [int(v) for v in label] if (label != schema.MISSING).any() else None
+        out.append((case["case_id"].decode(), label, len(case["encoded"])))
+    return out

@@ -1,0 +1,129 @@
+"""The case-bag record: one `tf.train.Example` per patient case.
+
+Feature keys (the on-disk contract; also listed in the README):
+
+| key                | type            | meaning                                                      |
+|--------------------|-----------------|--------------------------------------------------------------|
+| `case/id`          | bytes [1]       | salted HMAC-SHA256 of the source case id (hex); never raw     |
+| `case/num_images`  | int64 [1]       | N, the number of images in the bag (N >= 1)                  |
+| `image/encoded`    | bytes [N]       | PNG or JPEG bytes, decoded in the pipeline                   |
+| `image/format`     | bytes [N]       | "png" or "jpeg"                                               |
+| `image/view`       | bytes [N]       | view tag where known ("PA", "lateral", ...), else ""          |
+| `label/class`      | int64 [0 or 1]  | multiclass: index into `label_names`; absent = unlabelled     |
+| `label/multi`      | int64 [0 or C]  | multilabel: one code per label name (see below); absent = none|
+
+Multilabel codes: 1 positive, 0 negative, -1 uncertain (e.g. CheXpert's -1.0), -2 missing
+(a blank cell). Keeping uncertain and missing distinct lets fine-tuning choose a policy later.
+
+Parsed form (what `parse_case` returns): `case_id` tf.string scalar, `encoded` tf.string [N],
+`label` int32 scalar (multiclass, -1 = unlabelled) or int32 [C] (multilabel, all -2 = none).
+"""
+import tensorflow as tf
+
+CASE_ID = "case/id"
+NUM_IMAGES = "case/num_images"
+IMAGE_ENCODED = "image/encoded"
+IMAGE_FORMAT = "image/format"
+IMAGE_VIEW = "image/view"
+LABEL_CLASS = "label/class"
+LABEL_MULTI = "label/multi"
+
+POSITIVE, NEGATIVE, UNCERTAIN, MISSING = 1, 0, -1, -2
+UNLABELLED = -1  # multiclass "no label"
+TASKS = ("multiclass", "multilabel")
+IMAGE_FORMATS = ("png", "jpeg")
+
+
+def _bytes(values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def encode_case(case_id, images, formats, views=None, label=None, task="multiclass",
+                num_classes=None):
+    """Serialises one case. `label` is an int (multiclass), a sequence of codes (multilabel)
+    or None (unlabelled). Validates everything a reader later relies on."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if not images:
+        raise ValueError(f"case {case_id}: empty bag (no images)")
+    if len(formats) != len(images):
+        raise ValueError(f"case {case_id}: {len(images)} images but {len(formats)} formats")
+    views = list(views) if views is not None else [""] * len(images)
+    if len(views) != len(images):
+        raise ValueError(f"case {case_id}: {len(images)} images but {len(views)} view tags")
+    for f in formats:
+        if f not in IMAGE_FORMATS:
+            raise ValueError(f"case {case_id}: image format {f!r} not in {IMAGE_FORMATS}")
+    feature = {
+        CASE_ID: _bytes([case_id.encode() if isinstance(case_id, str) else case_id]),
+        NUM_IMAGES: _ints([len(images)]),
+        IMAGE_ENCODED: _bytes(images),
+        IMAGE_FORMAT: _bytes(f.encode() for f in formats),
+        IMAGE_VIEW: _bytes(v.encode() for v in views),
+    }
+    if label is not None:
+        if task == "multiclass":
+            label = int(label)
+            if not 0 <= label < (num_classes if num_classes is not None else label + 1):
+                raise ValueError(f"case {case_id}: label {label} out of range [0, {num_classes})")
+            feature[LABEL_CLASS] = _ints([label])
+        else:
+            codes = [int(c) for c in label]
+            if num_classes is not None and len(codes) != num_classes:
+                raise ValueError(f"case {case_id}: {len(codes)} label codes, expected {num_classes}")
+            bad = [c for c in codes if c not in (POSITIVE, NEGATIVE, UNCERTAIN, MISSING)]
+            if bad:
+                raise ValueError(f"case {case_id}: invalid multilabel codes {bad}")
+            feature[LABEL_MULTI] = _ints(codes)
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+_FEATURE_SPEC = {
+    CASE_ID: tf.io.FixedLenFeature([], tf.string),
+    NUM_IMAGES: tf.io.FixedLenFeature([], tf.int64),
+    IMAGE_ENCODED: tf.io.VarLenFeature(tf.string),
+    IMAGE_FORMAT: tf.io.VarLenFeature(tf.string),
+    IMAGE_VIEW: tf.io.VarLenFeature(tf.string),
+    LABEL_CLASS: tf.io.VarLenFeature(tf.int64),
+    LABEL_MULTI: tf.io.VarLenFeature(tf.int64),
+}
+
+
+def parse_case(serialized, task, num_classes):
+    """Parses one serialized case (graph-safe; used inside tf.data).
+
+    Raises InvalidArgumentError (naming the case id) for an empty bag, a count that disagrees
+    with the bag, or a label outside [0, num_classes)."""
+    ex = tf.io.parse_single_example(serialized, _FEATURE_SPEC)
+    case_id = ex[CASE_ID]
+    encoded = tf.sparse.to_dense(ex[IMAGE_ENCODED], default_value="")
+    n = tf.shape(encoded, out_type=tf.int64)[0]
+    def check(condition, what):
+        return tf.debugging.Assert(condition, [what, case_id])
+
+    checks = [
+        check(n > 0, "empty case bag in case"),
+        check(tf.equal(n, ex[NUM_IMAGES]), "case/num_images disagrees with the bag size in case"),
+    ]
+    if task == "multiclass":
+        values = ex[LABEL_CLASS].values
+        label = tf.cond(tf.size(values) > 0, lambda: values[0],
+                        lambda: tf.constant(UNLABELLED, tf.int64))
+        checks.append(check((label >= UNLABELLED) & (label < num_classes),
+                            f"label/class outside [0, {num_classes}) in case"))
+    else:
+        values = ex[LABEL_MULTI].values
+        label = tf.cond(tf.size(values) > 0, lambda: values,
+                        lambda: tf.fill([num_classes], tf.constant(MISSING, tf.int64)))
+        checks.append(check(tf.equal(tf.size(label), num_classes),
+                            f"label/multi does not have {num_classes} entries in case"))
+        checks.append(check(tf.reduce_all((label >= MISSING) & (label <= POSITIVE)),
+                            "invalid label/multi code in case"))
+        label = tf.ensure_shape(label, [num_classes])
+    with tf.control_dependencies(checks):
+        label = tf.cast(tf.identity(label), tf.int32)
+    return {"case_id": case_id, "encoded": encoded, "label": label}

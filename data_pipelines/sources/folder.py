@@ -1,0 +1,146 @@
+"""Generic layout: a CSV with one row per image.
+
+Columns: `case_id` (patient/case), `image_path` (relative to the CSV's folder, or absolute),
+optional `label` and optional `view`. With `task="multilabel"` the label cell holds the positive
+label names separated by `|` (empty = all negative). `label_names` fixes the vocabulary and its
+order; otherwise it is inferred from the CSV and sorted. A CSV without a `label` column is an
+unlabelled set (fine for pretraining). Rows are named in rejections by CSV line number
+(`file.csv:17`), never by their path or case id.
+"""
+import collections
+import csv
+import os
+
+from data_pipelines.writer import SourceCase, SourceData, SourceImage
+
+REQUIRED_COLUMNS = ("case_id", "image_path")
+
+
+def _loader(path):
+    def load():
+        with open(path, "rb") as f:
+            return f.read()
+    return load
+
+
+def read_csv_rows(path, required=REQUIRED_COLUMNS):
+    """Yields (line_number, row dict); raises ValueError naming missing columns."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(f"{os.path.basename(path)}: missing required column(s) {missing}; "
+                             f"found {columns}")
+        reader.fieldnames = columns
+        for i, row in enumerate(reader, start=2):
+            yield i, {k: (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
+                parse_label=None):
+    """Shared by CSV-driven sources: groups (line, case_key, path, label_text, view) rows into
+    SourceCases, rejecting unknown labels, conflicting labels within a case, empty paths and
+    duplicate images, and reporting cases left with no image. Returns (cases, items_read)."""
+    index = {name: i for i, name in enumerate(label_names)}
+    by_case = collections.OrderedDict()
+    items_read = 0
+    for line, key, path, label_text, view in rows:
+        items_read += 1
+        item = f"{csv_name}:{line}"
+        if not key:
+            rejected.append({"item": item, "kind": "image", "reason": "empty case_id"})
+            continue
+        entry = by_case.setdefault(key, {"rows": [], "lines": []})
+        entry["lines"].append(line)
+        if not path:
+            rejected.append({"item": item, "kind": "image", "reason": "empty image_path"})
+            continue
+        try:
+            label = (parse_label or _parse_label)(label_text, index, task)
+        except ValueError as e:
+            rejected.append({"item": item, "kind": "image", "reason": str(e)})
+            continue
+        entry["rows"].append((item, path, label, view))
+    cases = []
+    for key, entry in by_case.items():
+        lines = entry["lines"]
+        span = f"{csv_name}:{lines[0]}" + (f"-{lines[-1]}" if len(lines) > 1 else "")
+        labels = {repr(l): l for _, _, l, _ in entry["rows"] if l is not None}
+        if len(labels) > 1:
+            for item, _, _, _ in entry["rows"]:
+                rejected.append({"item": item, "kind": "image", "reason":
+                                 f"conflicting labels within one case ({span}): "
+                                 f"{sorted(labels)}"})
+            rejected.append({"item": f"case at {span}", "kind": "case",
+                             "reason": "conflicting labels; every row of the case rejected"})
+            continue
+        images, seen = [], {}
+        for item, path, _, view in entry["rows"]:
+            full = resolve_path(path)
+            if full in seen:
+                rejected.append({"item": item, "kind": "image",
+                                 "reason": f"duplicate image within the case (same file as "
+                                           f"{seen[full]})"})
+                continue
+            seen[full] = item
+            images.append(SourceImage(item=item, load=_loader(full), view=view))
+        if not images:
+            rejected.append({"item": f"case at {span}", "kind": "case",
+                             "reason": "empty case: every row was rejected"})
+            continue
+        label = next(iter(labels.values())) if labels else None
+        cases.append(SourceCase(key=key, images=images, label=label, item=f"case at {span}"))
+    return cases, items_read
+
+
+def _parse_label(text, index, task):
+    if task == "multiclass":
+        if text == "":
+            return None
+        if text not in index:
+            raise ValueError(f"unknown label {text!r} (known: {', '.join(index)})")
+        return index[text]
+    names = [t.strip() for t in text.split("|") if t.strip()]
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ValueError(f"unknown label(s) {unknown} (known: {', '.join(index)})")
+    codes = [0] * len(index)
+    for n in names:
+        codes[index[n]] = 1
+    return codes
+
+
+def build(input_path=None, label_names=None, task="multiclass", **_):
+    if not input_path:
+        raise ValueError("the folder source needs --input=path/to/images.csv")
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"--input CSV not found: {input_path}")
+    if task not in ("multiclass", "multilabel"):
+        raise ValueError(f"unknown task {task!r}")
+    base = os.path.dirname(os.path.abspath(input_path))
+    csv_name = os.path.basename(input_path)
+    rows = list(read_csv_rows(input_path))
+    has_label = bool(rows) and "label" in rows[0][1]
+    if label_names:
+        names = list(label_names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"--label_names has duplicates: {names}")
+    elif has_label:
+        found = set()
+        for _, r in rows:
+            parts = r["label"].split("|") if task == "multilabel" else [r["label"]]
+            found.update(p.strip() for p in parts if p.strip())
+        names = sorted(found)
+    else:
+        names = []
+    if task == "multiclass" and has_label and not names:
+        raise ValueError(f"{csv_name}: the label column is empty in every row")
+    rejected = []
+    cases, items_read = group_cases(
+        ((line, r["case_id"], r["image_path"], r.get("label", ""), r.get("view", ""))
+         for line, r in rows),
+        csv_name, names, task, rejected,
+        resolve_path=lambda p: p if os.path.isabs(p) else os.path.join(base, p))
+    return SourceData(name="folder", task=task, label_names=names, cases=cases,
+                      rejected=rejected, items_read=items_read)

@@ -1,0 +1,164 @@
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipelines import reader, writer
+from tests.data_pipelines.images import coded_rgb, encode
+
+SALT = b"reader-test"
+
+
+def build_records(out_dir, bag_sizes, labels=None, num_shards=None, fractions=None):
+    """Writes cases whose image i of case c has red value 10*c + i, all in split 'train'."""
+    cases = []
+    for c, n in enumerate(bag_sizes):
+        imgs = [writer.SourceImage(item=f"c{c}i{i}",
+                                   load=(lambda v=10 * c + i: encode(coded_rgb(v), "PNG")))
+                for i in range(n)]
+        cases.append(writer.SourceCase(key=f"case{c}", images=imgs,
+                                       label=None if labels is None else labels[c]))
+    src = writer.SourceData(name="test", task="multiclass", label_names=["a", "b"], cases=cases,
+                            items_read=sum(bag_sizes))
+    writer.write_dataset(src, str(out_dir), SALT, fractions=fractions or (("train", 1.0),),
+                         num_shards=num_shards, overwrite=True)
+    return {writer.hash_case_id(f"case{c}", SALT): c for c in range(len(bag_sizes))}
+
+
+def codes(views):
+    """Red channel at a pixel -> (case, image) identity codes."""
+    return np.rint(views[:, 0, 0, 0] * 255).astype(int)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bags")
+    sizes = [1, 2, 3, 5, 1, 4, 2, 3]
+    ids = build_records(out, sizes, labels=[0, 1, 0, 1, None, 0, 1, 0], num_shards=3)
+    return str(out), sizes, ids
+
+
+def take(ds, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def test_micle_pairs_are_distinct_images_of_one_case(records):
+    path, sizes, ids = records
+    batches = take(reader.make_dataset(path, "train", "micle", 4, 8, seed=0), 40)
+    seen_pairs = collections.defaultdict(set)
+    for b in batches:
+        c1, c2 = codes(b["view1"]), codes(b["view2"])
+        for k in range(4):
+            case = ids[b["case_id"][k].decode()]
+            assert c1[k] // 10 == c2[k] // 10 == case  # both views from the batch's own case
+            i, j = c1[k] % 10, c2[k] % 10
+            assert (i, j) == tuple(b["image_indices"][k])
+            if sizes[case] == 1:
+                assert i == j == 0  # one-image case: two views of that image
+            else:
+                assert i != j and 0 <= i < sizes[case] and 0 <= j < sizes[case]
+            seen_pairs[case].add((i, j))
+    # re-drawn as the case comes round again: a 5-image case shows many different pairs
+    assert len(seen_pairs[3]) >= 8
+
+
+def test_micle_pairs_uniform(tmp_path):
+    ids = build_records(tmp_path, [3])
+    batches = take(reader.make_dataset(str(tmp_path), "train", "micle", 30, 8, seed=7), 40)
+    pairs = collections.Counter()
+    for b in batches:
+        pairs.update(zip(codes(b["view1"]) % 10, codes(b["view2"]) % 10))
+    assert set(pairs) == {(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)}
+    expected = 1200 / 6
+    chi2 = sum((v - expected) ** 2 / expected for v in pairs.values())
+    assert chi2 < 20.5, pairs  # 5 dof, p ~ 0.001
+
+
+def test_simclr_views_come_from_one_image(records):
+    path, sizes, ids = records
+    picked = collections.Counter()
+    for b in take(reader.make_dataset(path, "train", "simclr", 4, 8, seed=0), 30):
+        np.testing.assert_array_equal(codes(b["view1"]), codes(b["view2"]))
+        picked.update(codes(b["view1"]).tolist())
+    assert len([c for c in picked if c // 10 == 3]) >= 4  # different images of a case over epochs
+
+
+def test_deterministic_under_seed(records):
+    path = records[0]
+
+    def stream(seed):
+        aug = lambda img, s: tf.image.stateless_random_flip_left_right(img, s)  # noqa: E731
+        ds = reader.make_dataset(path, "train", "micle", 4, 8, seed=seed, augment_fn=aug)
+        return take(ds, 12)
+
+    a, b, c = stream(11), stream(11), stream(12)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert any(not np.array_equal(x["case_id"], y["case_id"]) or
+               not np.array_equal(x["image_indices"], y["image_indices"]) for x, y in zip(a, c))
+
+
+def test_supervised_eval_pass_sees_every_image_once(records):
+    path, sizes, ids = records
+    ds = reader.make_dataset(path, "train", "supervised", 5, 8, training=False)
+    got = sorted(codes(b["image"]).tolist() for b in take(ds, 100))
+    flat = sorted(sum(got, []))
+    assert flat == sorted(10 * c + i for c, n in enumerate(sizes) for i in range(n))
+    for b in take(ds, 100):
+        for code, cid, label in zip(codes(b["image"]), b["case_id"], b["label"]):
+            assert ids[cid.decode()] == code // 10
+            assert label == [0, 1, 0, 1, -1, 0, 1, 0][code // 10]
+
+
+def test_filters_case_subset_and_labelled_only(records):
+    path, sizes, ids = records
+    keep = [h for h, c in ids.items() if c in (2, 3, 4)]
+    ds = reader.make_dataset(path, "train", "supervised", 64, 8, training=False, case_ids=keep)
+    assert sorted(set(codes(take(ds, 1)[0]["image"]) // 10)) == [2, 3, 4]
+    ds = reader.make_dataset(path, "train", "supervised", 64, 8, training=False,
+                             labelled_only=True)
+    assert 4 not in set(codes(take(ds, 1)[0]["image"]) // 10)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_input_pipelines_partition_the_cases(records, tmp_path, num_shards):
+    path = records[0]
+    if num_shards == 1:
+        build_records(tmp_path, records[1], num_shards=1)
+        path = str(tmp_path)
+    seen = []
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
+                                         num_replicas_in_sync=2)
+        ds = reader.make_dataset(path, "train", "supervised", 64, 8, training=False,
+                                 input_context=ctx)
+        seen.append(set(codes(take(ds, 1)[0]["image"]) // 10))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(8))
+
+
+def test_distributed_dataset_per_replica_batches(records, two_replica_strategy):
+    path = records[0]
+    dist = reader.distributed_dataset(two_replica_strategy, path, "train", "micle", 6, 8, seed=0)
+    batch = next(iter(dist))
+    locals_ = two_replica_strategy.experimental_local_results(batch["view1"])
+    assert [t.shape[0] for t in locals_] == [3, 3]
+    with pytest.raises(ValueError, match="divisible"):
+        reader.distributed_dataset(two_replica_strategy, path, "train", "micle", 5, 8)
+
+
+def test_missing_shard_and_unknown_mode(records, tmp_path):
+    build_records(tmp_path, [1, 1, 1], num_shards=3)
+    (tmp_path / "train-00001-of-00003.tfrecord").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing shard\(s\) \[1\]"):
+        reader.make_dataset(str(tmp_path), "train", "micle", 2, 8)
+    with pytest.raises(ValueError, match="unknown reader mode"):
+        reader.make_dataset(records[0], "train", "byol", 2, 8)
+
+
+def test_read_case_index(records):
+    path, sizes, ids = records
+    index = reader.read_case_index(path, "train")
+    assert sorted((ids[c], n) for c, _, n in index) == list(enumerate(sizes))
+    assert {ids[c]: l for c, l, _ in index}[4] is None

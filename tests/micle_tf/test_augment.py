@@ -1,0 +1,255 @@
+"""Tests for micle_tf.augment: shapes, ranges, determinism, and per-op semantics."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from micle_tf import augment as A
+
+SEED = tf.constant([1, 2], tf.int64)
+OTHER = tf.constant([3, 4], tf.int64)
+
+
+def _rand(h=24, w=32, seed=0):
+    return np.random.RandomState(seed).rand(h, w, 3).astype(np.float32)
+
+
+def _gradient(h=40, w=56):
+    """Synthetic 'real' image: smooth colour gradients (stands in for a photograph)."""
+    y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    return np.stack([y, x, 0.5 * (x + y)], -1).astype(np.float32)
+
+
+def _gray_tiled(h, w, seed=0):
+    g = np.random.RandomState(seed).rand(h, w, 1).astype(np.float32)
+    return np.tile(g, [1, 1, 3])
+
+
+def _checkerboard(n=40):
+    c = (np.indices((n, n)).sum(0) % 2).astype(np.float32)
+    return np.repeat(c[..., None], 3, -1)
+
+
+def _check_image(out, shape):
+    assert out.dtype == tf.float32
+    assert tuple(out.shape) == shape
+    o = out.numpy()
+    assert np.isfinite(o).all() and o.min() >= 0.0 and o.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- generic contract
+OPS = {
+    "crop": lambda x, s: A.random_resized_crop(x, s, 16),
+    "flip_rot": lambda x, s: A.random_rotation(A.random_flip(x, s), s, 30.0),
+    "jitter": lambda x, s: A.color_jitter(x, s, 1.0, p=1.0),
+    "blur": lambda x, s: A.random_gaussian_blur(x, s, p=1.0),
+    "gray": lambda x, s: A.random_grayscale(x, s, p=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_contract_shape_range_determinism(name):
+    img = _rand()
+    op = OPS[name]
+    shape = (16, 16, 3) if name == "crop" else img.shape
+    a = op(img, SEED)
+    _check_image(a, shape)
+    np.testing.assert_array_equal(a.numpy(), op(img, SEED).numpy())
+    # Some seed among a few must differ (gray with p=0.5 may coincide for one seed pair).
+    outs = [op(img, tf.constant([k, 7], tf.int64)).numpy() for k in range(6)]
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+    if name != "gray":
+        assert not np.array_equal(a.numpy(), op(img, OTHER).numpy())
+
+
+def test_no_stateful_random_ops_in_graph():
+    stateful = {"RandomUniform", "RandomUniformInt", "RandomStandardNormal", "RandomShuffle",
+                "TruncatedNormal", "Multinomial", "RandomGamma", "RandomPoisson",
+                "SampleDistortedBoundingBox", "SampleDistortedBoundingBoxV2"}
+    for preset in A.PRESETS:
+        fn = tf.function(A.build_augment(preset, 16)).get_concrete_function(
+            tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([2], tf.int64))
+        gd = fn.graph.as_graph_def()
+        ops = {n.op for n in gd.node}
+        for f in gd.library.function:
+            ops |= {n.op for n in f.node_def}
+        assert not ops & stateful, (preset, ops & stateful)
+
+
+# ----------------------------------------------------------------------------- crop
+def _crop_extent(size_hw, seed, area_range):
+    """Crops a coordinate-encoding image with nearest resize and returns (area, aspect)."""
+    h, w = size_hw
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    img = np.stack([yy / (h - 1), xx / (w - 1), np.zeros_like(yy)], -1).astype(np.float32)
+    out = A.random_resized_crop(img, seed, 64, area_range=area_range, method="nearest").numpy()
+    rows = np.round(out[..., 0] * (h - 1)).astype(int)
+    cols = np.round(out[..., 1] * (w - 1)).astype(int)
+    ch, cw = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    # Nearest upsampling (crop <= 64 px) hits every crop row/column: contiguous extent.
+    assert len(np.unique(rows)) == ch and len(np.unique(cols)) == cw
+    return ch * cw / (h * w), cw / ch
+
+
+@pytest.mark.parametrize("area_range", [(0.08, 1.0), (0.5, 1.0)])
+def test_crop_area_and_aspect_respected(area_range):
+    stats = [_crop_extent((48, 60), tf.constant([k, 11], tf.int64), area_range)
+             for k in range(25)]
+    areas = np.array([s[0] for s in stats])
+    aspects = np.array([s[1] for s in stats])
+    assert areas.min() >= area_range[0] - 0.01 and areas.max() <= 1.0
+    assert areas.mean() > area_range[0] + 0.1 and areas.std() > 0.01
+    # Integer rounding of the box allows a small slack around [3/4, 4/3].
+    assert aspects.min() >= 0.75 - 0.05 and aspects.max() <= 4 / 3 + 0.05
+
+
+def test_crop_dynamic_input_has_static_output_shape():
+    fn = tf.function(lambda x, s: A.random_resized_crop(x, s, 20))
+    cf = fn.get_concrete_function(tf.TensorSpec([None, None, 3], tf.float32),
+                                  tf.TensorSpec([2], tf.int32))
+    assert cf.structured_outputs.shape.as_list() == [20, 20, 3]
+    _check_image(cf(tf.constant(_rand(31, 17)), tf.constant([5, 6])), (20, 20, 3))
+
+
+# ----------------------------------------------------------------------------- flip / rotation
+def test_flip_is_identity_or_mirror_and_both_occur():
+    img = _rand()
+    kinds = set()
+    for k in range(12):
+        o = A.random_flip(img, tf.constant([k, 0], tf.int64)).numpy()
+        if np.array_equal(o, img):
+            kinds.add("id")
+        else:
+            np.testing.assert_array_equal(o, img[:, ::-1])
+            kinds.add("flip")
+    assert kinds == {"id", "flip"}
+
+
+def test_rotation_fixed_angle_matches_rot90():
+    img = _rand(17, 17)
+    np.testing.assert_allclose(A.rotate(img, 90.0).numpy(), np.rot90(img, 1), atol=1e-5)
+    np.testing.assert_allclose(A.rotate(img, -90.0).numpy(), np.rot90(img, -1), atol=1e-5)
+    np.testing.assert_allclose(A.rotate(img, 0.0).numpy(), img, atol=1e-6)
+    # Forcing the random range to a single angle uses the same helper.
+    np.testing.assert_allclose(A.random_rotation(img, SEED, (90.0, 90.0)).numpy(),
+                               np.rot90(img, 1), atol=1e-5)
+
+
+def test_rotation_non_square_keeps_shape_and_reflects():
+    img = 0.2 + 0.8 * _gradient(20, 30)  # values in [0.2, 1]
+    o = A.random_rotation(img, SEED, 20.0).numpy()
+    assert o.shape == img.shape
+    assert o.min() >= 0.2 - 1e-5  # reflect fill: no black (0) corners introduced
+    assert not np.allclose(o, img)
+
+
+# ----------------------------------------------------------------------------- colour
+def test_color_jitter_probability_and_order():
+    img = _gradient(20, 24)
+    np.testing.assert_array_equal(A.color_jitter(img, SEED, 1.0, p=0.0).numpy(), img)
+    assert not np.allclose(A.color_jitter(img, SEED, 1.0, p=1.0).numpy(), img)
+    fixed = A.color_jitter(img, SEED, 1.0, p=1.0, random_order=False)
+    _check_image(fixed, img.shape)
+    # Brightness/contrast only keeps a gray image gray (the CXR setting).
+    g = A.color_jitter(_gray_tiled(20, 24), SEED, 0.5, p=1.0, hue=False, saturation=False)
+    g = g.numpy()
+    np.testing.assert_allclose(g[..., 0], g[..., 1], atol=1e-6)
+    np.testing.assert_allclose(g[..., 0], g[..., 2], atol=1e-6)
+
+
+def test_color_jitter_p_between_applies_sometimes():
+    img = _gradient(12, 12)
+    changed = [not np.array_equal(A.color_jitter(img, tf.constant([k, 1]), 1.0, p=0.5).numpy(),
+                                  img) for k in range(16)]
+    assert 0 < sum(changed) < 16
+
+
+def test_grayscale():
+    img = _rand()
+    np.testing.assert_array_equal(A.random_grayscale(img, SEED, p=0.0).numpy(), img)
+    g = A.random_grayscale(img, SEED, p=1.0).numpy()
+    np.testing.assert_array_equal(g[..., 0], g[..., 1])
+    np.testing.assert_array_equal(g[..., 0], g[..., 2])
+    assert not np.allclose(g, img)
+
+
+# ----------------------------------------------------------------------------- blur
+def _hf_energy(x):
+    return float(np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean())
+
+
+def test_blur_reduces_high_frequency_and_p0_identity():
+    board = _checkerboard(40)
+    np.testing.assert_array_equal(A.random_gaussian_blur(board, SEED, p=0.0).numpy(), board)
+    b = A.random_gaussian_blur(board, SEED, p=1.0, sigma_range=(1.0, 2.0)).numpy()
+    assert b.shape == board.shape
+    assert _hf_energy(b) < 0.5 * _hf_energy(board)
+    # Reflect padding keeps the mean (no darkened borders from zero padding).
+    assert abs(b.mean() - board.mean()) < 0.02
+    # Matches SimCLR's separable depthwise conv on the reflect-padded image (kernel 23).
+    img = _rand(230, 240)
+    r, sigma = 11, 1.7
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2)).astype(np.float32)
+    k /= k.sum()
+    pad = tf.pad(img[None], [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
+    ref = tf.nn.depthwise_conv2d(pad, np.tile(k.reshape(1, -1, 1, 1), [1, 1, 3, 1]),
+                                 [1, 1, 1, 1], "VALID")
+    ref = tf.nn.depthwise_conv2d(ref, np.tile(k.reshape(-1, 1, 1, 1), [1, 1, 3, 1]),
+                                 [1, 1, 1, 1], "VALID")[0]
+    np.testing.assert_allclose(A.gaussian_blur(img, sigma).numpy(), ref.numpy(), atol=1e-5)
+    # Deterministic helper: a constant image is unchanged.
+    const = np.full((30, 22, 3), 0.3, np.float32)
+    np.testing.assert_allclose(A.gaussian_blur(const, 1.5).numpy(), const, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- eval resize
+def test_resize_for_eval_deterministic_static_shape():
+    fn = tf.function(lambda x: A.resize_for_eval(x, 24))
+    cf = fn.get_concrete_function(tf.TensorSpec([None, None, 3], tf.float32))
+    assert cf.structured_outputs.shape.as_list() == [24, 24, 3]
+    img = _gradient(40, 56)
+    a = cf(tf.constant(img))
+    _check_image(a, (24, 24, 3))
+    np.testing.assert_array_equal(a.numpy(), A.resize_for_eval(img, 24).numpy())
+    np.testing.assert_array_equal(a.numpy(), A.build_augment("none", 24)(img, SEED).numpy())
+
+
+# ----------------------------------------------------------------------------- presets in tf.data
+def test_unknown_preset_lists_valid_names():
+    assert A.PRESETS == ("derm", "cxr", "finetune", "none")
+    with pytest.raises(ValueError, match="derm, cxr, finetune, none"):
+        A.build_augment("imagenet", 32)
+
+
+def _images():
+    return [_gradient(40, 56), _rand(32, 32, seed=1), _gray_tiled(40, 56, 2), _gray_tiled(32, 32, 3)]
+
+
+def _dataset(preset, size, seed):
+    fn = A.build_augment(preset, size)
+    imgs = tf.data.Dataset.from_generator(
+        _images, output_signature=tf.TensorSpec([None, None, 3], tf.float32))
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    return tf.data.Dataset.zip((imgs, seeds)).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@pytest.mark.parametrize("preset", A.PRESETS)
+def test_preset_in_parallel_tf_data_is_deterministic(preset):
+    size = 24
+    ds = _dataset(preset, size, seed=123)
+    assert ds.element_spec.shape.as_list() == [size, size, 3]
+    first = [x.numpy() for x in ds]
+    again = [x.numpy() for x in _dataset(preset, size, seed=123)]
+    other = [x.numpy() for x in _dataset(preset, size, seed=321)]
+    assert len(first) == 4
+    for a, b in zip(first, again):
+        assert a.shape == (size, size, 3) and a.dtype == np.float32
+        assert a.min() >= 0.0 and a.max() <= 1.0
+        np.testing.assert_array_equal(a, b)
+    if preset == "none":
+        for a, c in zip(first, other):
+            np.testing.assert_array_equal(a, c)
+    else:
+        assert any(not np.array_equal(a, c) for a, c in zip(first, other))
+    if preset in ("cxr", "finetune", "none"):  # no hue/saturation: gray inputs stay gray
+        for g in first[2:]:
+            np.testing.assert_allclose(g[..., 0], g[..., 1], atol=1e-5)
