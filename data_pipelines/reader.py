@@ -9,7 +9,7 @@ Modes (DESIGN.md):
   training and for case-level evaluation, which averages a case's images).
 
 Determinism: every random choice (which image, which augmentation) is a stateless op fed by a
-per-element seed from `tf.data.Dataset.random(seed)`, zipped in after shuffle/repeat; file order,
+per-element seed folded from (seed, input pipeline, epoch, position in the stream); file order,
 interleave and shuffle are seeded and the pipeline is deterministic, so one seed gives one stream
 however many parallel calls run. Memory is bounded by the shuffle buffers, not the dataset size.
 """
@@ -63,9 +63,9 @@ def _has_label(case):
 
 
 def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=None, seed=0,
-                 training=True, shuffle_buffer=512, input_context=None, case_ids=None,
-                 labelled_only=False, drop_remainder=None, num_parallel_calls=tf.data.AUTOTUNE,
-                 cycle_length=4, info=None):
+                 training=True, steps_per_epoch=None, start_epoch=0, shuffle_buffer=512,
+                 input_context=None, case_ids=None, labelled_only=False, drop_remainder=None,
+                 num_parallel_calls=tf.data.AUTOTUNE, cycle_length=4, info=None):
     """Builds the dataset for one split.
 
     batch_size: per-replica batch when `input_context` is given (see `distributed_dataset`),
@@ -74,8 +74,12 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
       `micle_tf.augment.build_augment`). None = deterministic resize only.
     training: True -> shuffled, repeated forever, augmented; False -> one ordered pass, no
       augmentation (evaluation).
+    steps_per_epoch, start_epoch: with `steps_per_epoch`, training epoch e is a stream seeded
+      by (seed, e) cut to `steps_per_epoch` batches, and the dataset starts at `start_epoch`.
+      Data of epoch e is then the same whether a run starts at 0 or resumes at e: this is what
+      makes resuming from a checkpoint taken at an epoch boundary exact.
     case_ids: optional iterable of hashed case ids to keep (label-fraction subsets).
-    labelled_only: drop unlabelled cases (counted nowhere: they are simply not training data).
+    labelled_only: keep labelled cases only (unlabelled cases are not training data here).
 
     Elements: contrastive modes -> {"view1", "view2": float32 [B,S,S,3], "label",
     "case_id", "image_indices": int32 [B,2]}; supervised -> {"image", "label", "case_id"}.
@@ -89,38 +93,10 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if drop_remainder is None:
         drop_remainder = training
-
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    shard_records = False
-    if num_pipelines > 1:
-        if len(files) >= num_pipelines:
-            ds = ds.shard(num_pipelines, pipeline_id)
-        else:  # fewer files than workers: every worker reads all files, keeps every k-th case
-            shard_records = True
-    if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
-                       block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if shard_records:
-        ds = ds.shard(num_pipelines, pipeline_id)
-    ds = ds.map(lambda r: schema.parse_case(r, task, num_classes),
-                num_parallel_calls=num_parallel_calls, deterministic=True)
-    if case_ids is not None:
-        ds = ds.filter(_case_filter(case_ids))
-    if labelled_only:
-        ds = ds.filter(_has_label)
-
-    if mode == "supervised":
-        ds = ds.map(lambda c: {"encoded": c["encoded"],
-                               "case_id": tf.fill(tf.shape(c["encoded"]), c["case_id"]),
-                               "label": tf.repeat(c["label"][tf.newaxis],
-                                                  tf.shape(c["encoded"])[0], axis=0)}
-                    ).unbatch()
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True).repeat()
-    # One seed pair per element, drawn after shuffle/repeat: new draws every epoch, reproducible.
-    seeds = tf.data.Dataset.random(seed=seed * 1009 + pipeline_id).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds))
+    shard_records = num_pipelines > 1 and len(files) < num_pipelines
+    if num_pipelines > 1 and not shard_records:
+        files = files[pipeline_id::num_pipelines]
+    keep_case = _case_filter(case_ids) if case_ids is not None else None
 
     def view(image, s):
         if augment_fn is not None and training:
@@ -152,9 +128,47 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
                     "label": case["label"], "case_id": case["case_id"],
                     "image_indices": tf.stack([i, j])}
 
-    ds = ds.map(element, num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+    def one_stream(epoch):
+        """Files -> cases (-> images) -> [shuffle, repeat] -> seeded elements -> batches."""
+        epoch = tf.cast(epoch, tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if training:
+            ds = ds.shuffle(len(files), seed=seed * 7919 + epoch, reshuffle_each_iteration=True)
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
+                           block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=True)
+        if shard_records:  # fewer files than pipelines: each keeps every k-th case
+            ds = ds.shard(num_pipelines, pipeline_id)
+        ds = ds.map(lambda r: schema.parse_case(r, task, num_classes),
+                    num_parallel_calls=num_parallel_calls, deterministic=True)
+        if keep_case is not None:
+            ds = ds.filter(keep_case)
+        if labelled_only:
+            ds = ds.filter(_has_label)
+        if mode == "supervised":
+            ds = ds.map(lambda c: {"encoded": c["encoded"],
+                                   "case_id": tf.fill(tf.shape(c["encoded"]), c["case_id"]),
+                                   "label": tf.repeat(c["label"][tf.newaxis],
+                                                      tf.shape(c["encoded"])[0], axis=0)}
+                        ).unbatch()
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + epoch + 1,
+                            reshuffle_each_iteration=True).repeat()
+        # One seed per element from (seed, pipeline, epoch, position): stateless, so the same
+        # element gets the same image pick and augmentation however many threads run.
+        base = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(seed, tf.int64), tf.constant(pipeline_id, tf.int64)]), epoch)
+        ds = ds.enumerate().map(
+            lambda k, x: element(x, tf.random.experimental.stateless_fold_in(base, k)),
+            num_parallel_calls=num_parallel_calls, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.take(steps_per_epoch) if steps_per_epoch else ds
+
+    if training and steps_per_epoch:
+        ds = tf.data.Dataset.range(start_epoch, 2 ** 62).flat_map(one_stream)
+    else:
+        ds = one_stream(start_epoch)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

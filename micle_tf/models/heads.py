@@ -16,7 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from micle_tf.models.resnet import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, BatchNormRelu
+from micle_tf.models.resnet import (BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, BatchNormRelu,
+                                    TFCheckpointListsMixin)
 
 _PACKAGE = "micle_tf"
 
@@ -81,7 +82,7 @@ class LinearLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class ProjectionHead(keras.layers.Layer):
+class ProjectionHead(TFCheckpointListsMixin, keras.layers.Layer):
     """SimCLR nonlinear projection head.
 
     Args:
@@ -94,6 +95,8 @@ class ProjectionHead(keras.layers.Layer):
     ``[features, h_1, ..., h_n]`` (simclr's ``hiddens_list``; ``hiddens[0]`` is the
     input) and ``z = float32(hiddens[-1])`` is the contrastive embedding.
     """
+
+    _tf_checkpoint_lists = ("linear_layers",)
 
     def __init__(self, num_proj_layers=3, proj_out_dim=128, hidden_dim=None,
                  bn_momentum=BATCH_NORM_MOMENTUM, bn_epsilon=BATCH_NORM_EPSILON,

@@ -70,6 +70,40 @@ MODEL_PARAMS = {
 }
 
 
+class TFCheckpointListsMixin:
+    """Exposes list-valued sub-layer attributes to ``tf.train.Checkpoint``.
+
+    Keras 3 keeps layers held in Python lists in its own ``TrackedList``, which the
+    TensorFlow object graph does not see: without this mixin ``tf.train.Checkpoint(
+    model=resnet)`` would save *no* variables.  Listed attributes are exposed as TF
+    ``ListWrapper`` children, giving simclr-like object paths such as
+    ``model/block_groups/1/blocks/0/conv_layers/0/conv2d/_kernel``.  Keras'
+    ``.weights.h5`` / ``.keras`` saving is unaffected.
+    """
+
+    _tf_checkpoint_lists = ()
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint":
+            wrappers = self.__dict__.get("_tf_list_wrappers")
+            if wrappers is None:
+                wrappers = {}
+                object.__setattr__(self, "_tf_list_wrappers", wrappers)
+            for attr in self._tf_checkpoint_lists:
+                value = getattr(self, attr, None)
+                if value is None or attr in children:
+                    continue
+                key = tuple(id(v) for v in value)
+                cached = wrappers.get(attr)
+                if cached is None or cached[0] != key:
+                    # A plain list becomes a TF ListWrapper (children "0", "1", ...).
+                    cached = (key, tf.__internal__.tracking.wrap(list(value)))
+                    wrappers[attr] = cached
+                children[attr] = cached[1]
+        return children
+
+
 def _conv_initializer():
     return keras.initializers.VarianceScaling()
 
@@ -280,10 +314,11 @@ class SKConv2D(keras.layers.Layer):
         return config
 
 
-class _BlockBase(keras.layers.Layer):
+class _BlockBase(TFCheckpointListsMixin, keras.layers.Layer):
     """Shared plumbing of residual / bottleneck blocks."""
 
     expansion = 1
+    _tf_checkpoint_lists = ("shortcut_layers", "conv_layers")
 
     def __init__(self, filters, strides, use_projection=False, sk_ratio=0.0,
                  bn_momentum=BATCH_NORM_MOMENTUM, bn_epsilon=BATCH_NORM_EPSILON,
@@ -405,11 +440,13 @@ _BLOCKS = {"basic": ResidualBlock, "bottleneck": BottleneckBlock}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class BlockGroup(keras.layers.Layer):
+class BlockGroup(TFCheckpointListsMixin, keras.layers.Layer):
     """A stage of ``num_blocks`` blocks; the first one projects the shortcut and strides.
 
     simclr ``BlockGroup``: ``blocks`` <-> ``layers``.
     """
+
+    _tf_checkpoint_lists = ("blocks",)
 
     def __init__(self, filters, block_type, num_blocks, strides, sk_ratio=0.0,
                  bn_momentum=BATCH_NORM_MOMENTUM, bn_epsilon=BATCH_NORM_EPSILON,
@@ -456,7 +493,7 @@ class BlockGroup(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class ResNet(keras.Model):
+class ResNet(TFCheckpointListsMixin, keras.Model):
     """ResNet backbone returning globally average-pooled features ``[B, output_dim]``.
 
     Args:
@@ -470,6 +507,8 @@ class ResNet(keras.Model):
       fine_tune_after_block: -1 trains everything; k >= 0 freezes (stop_gradient and
         ``trainable=False``) the stem and block groups 1..k.
     """
+
+    _tf_checkpoint_lists = ("stem_layers", "block_groups")
 
     def __init__(self, depth=50, width_multiplier=1, sk_ratio=0.0,
                  small_image_stem=False, bn_momentum=BATCH_NORM_MOMENTUM,

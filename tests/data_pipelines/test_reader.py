@@ -162,3 +162,21 @@ def test_read_case_index(records):
     index = reader.read_case_index(path, "train")
     assert sorted((ids[c], n) for c, _, n in index) == list(enumerate(sizes))
     assert {ids[c]: l for c, l, _ in index}[4] is None
+
+
+def test_epoch_seeded_stream_resumes_exactly(records):
+    path = records[0]
+    aug = lambda img, s: tf.image.stateless_random_flip_left_right(img, s)  # noqa: E731
+
+    def stream(start_epoch, n):
+        ds = reader.make_dataset(path, "train", "micle", 3, 8, seed=4, augment_fn=aug,
+                                 steps_per_epoch=2, start_epoch=start_epoch)
+        return take(ds, n)
+
+    full, resumed = stream(0, 6), stream(1, 4)
+    for x, y in zip(full[2:], resumed):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    # epochs differ from each other (new shuffle and new pairs each epoch)
+    assert any(not np.array_equal(full[i]["image_indices"], full[i + 2]["image_indices"])
+               for i in range(2))

@@ -22,8 +22,9 @@ def _tiny_model(seed=0):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((3,))
     h = keras.layers.Dense(4, bias_initializer="ones", name="dense")(inputs)
-    h = keras.layers.BatchNormalization(name="batch_normalization")(h)
-    out = keras.ops.sum(h * h, axis=-1)
+    b = keras.layers.BatchNormalization(name="batch_normalization")(inputs)
+    # Separate branches so that the bias gradient is not cancelled by the BN.
+    out = keras.ops.sum(h * h, axis=-1) + keras.ops.sum(b * b * b, axis=-1)
     return keras.Model(inputs, out)
 
 
@@ -52,7 +53,8 @@ def test_lars_steps_match_numpy(nesterov, classic):
     model = _tiny_model()
     variables = model.trainable_variables
     paths = [v.path for v in variables]
-    assert [p.split("/")[-1] for p in paths] == ["kernel", "bias", "gamma", "beta"]
+    assert sorted(p.split("/")[-1] for p in paths) == ["beta", "bias", "gamma", "kernel"]
+    k = [p.split("/")[-1] for p in paths].index("kernel")
     lr, m, wd, eta = 0.5, 0.9, 0.1, 0.01
     opt = LARS(lr, momentum=m, weight_decay=wd, trust_coefficient=eta, nesterov=nesterov,
                classic_momentum=classic)
@@ -77,8 +79,11 @@ def test_lars_steps_match_numpy(nesterov, classic):
                                        err_msg=path)
             np.testing.assert_allclose(opt.momentums[i].numpy(), ref_v[i], rtol=1e-5,
                                        atol=1e-7, err_msg=path)
-    # The kernel's step is trust-ratio scaled (tiny relative to lr * g), the others not.
-    assert np.abs(ref_v[0]).max() < 0.1 * np.abs(ref_v[1]).max()
+            assert np.abs(g.numpy()).max() > 1e-3, path  # every rule is exercised
+        # The trust ratio and the decay really change the kernel's step.
+        plain, _ = _numpy_lars(before[k], grads[k].numpy(), np.zeros_like(ref_v[k]), lr, m,
+                               wd, eta, False, False, nesterov, classic)
+        assert not np.allclose(plain, ref_w[k], rtol=1e-2)
 
 
 def test_trust_ratio_falls_back_to_one_for_zero_weights():
@@ -92,8 +97,10 @@ def test_exclusion_decided_from_variable_paths():
     model = _tiny_model()
     opt = LARS(0.1, weight_decay=1e-4)
     opt.build(model.trainable_variables)
-    assert opt._lars_use_decay == [True, False, False, False]
-    assert opt._lars_use_adaptation == [True, False, False, False]
+    names = [v.path.split("/")[-1] for v in model.trainable_variables]
+    expected = {"kernel": True, "bias": False, "gamma": False, "beta": False}
+    assert dict(zip(names, opt._lars_use_decay)) == expected
+    assert dict(zip(names, opt._lars_use_adaptation)) == expected
 
     def path_flags(path, **kwargs):
         var = SimpleNamespace(path=path, name=path.split("/")[-1])  # only .path is read
@@ -126,7 +133,7 @@ def test_lars_config_round_trip():
     assert opt.weight_decay is None  # the base class's decoupled decay stays off
     config = opt.get_config()
     assert config["weight_decay"] == 1e-6
-    clone = LARS.from_config(config)
+    clone = LARS.from_config(dict(config))  # from_config edits its argument
     assert clone.get_config() == config
     assert isinstance(clone._learning_rate, WarmupCosineDecay)
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
@@ -194,7 +201,8 @@ def test_build_optimizer():
     assert sgd.lars_weight_decay == 1e-4
 
     model = _tiny_model()
-    kernel, bias, gamma, beta = model.trainable_variables
+    by_name = {v.path.split("/")[-1]: v for v in model.trainable_variables}
+    kernel, bias, gamma, beta = (by_name[n] for n in ("kernel", "bias", "gamma", "beta"))
     adamw = build_optimizer("adam", 1e-3, weight_decay=1e-2)
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 1e-2
     assert adamw._use_weight_decay(kernel)
