@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets==4.9.10",
         "importlib_resources>=6",  # tfds imports it but does not declare it on Python >= 3.9
         "absl-py>=2.1",
+        "tensorboard>=2.20",  # tf.summary needs it; tensorflow-cpu 2.21 no longer pulls it in
         "scikit-learn>=1.4",
         "numpy>=1.26,<3",
         "pillow>=10",
@@ -33,7 +34,8 @@ setup(
         # Replaces the CPU wheel: install with `pip uninstall -y tensorflow-cpu` first (never both).
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
         "dicom": ["pydicom>=2.4", "pydicom-data==1.0.0"],
-        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                "pydicom>=2.4", "pydicom-data==1.0.0"],
     },
     entry_points={
         "console_scripts": [

@@ -30,6 +30,17 @@ flags.DEFINE_integer("num_shards", None, "Shards per split (default: one per ~20
 flags.DEFINE_integer("image_size", None, "Store images with the shorter side resized to this "
                      "(default: original size).")
 flags.DEFINE_bool("overwrite", False, "Replace records already in --output_dir.")
+flags.DEFINE_enum("chexpert_labels", "all", ["all", "competition"],
+                  "chexpert: the 14 observations, or the paper's 5 competition tasks "
+                  "(Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).")
+flags.DEFINE_enum("chexpert_case", "patient", ["patient", "study"],
+                  "chexpert: one case per patient (labels of the patient's first study) or per "
+                  "study.")
+flags.DEFINE_bool("frontal_only", False, "chexpert: reject lateral views (counted rejections).")
+flags.DEFINE_enum("dicom_case", "patient", ["patient", "study"],
+                  "dicom: one case per PatientID, or per PatientID + StudyInstanceUID.")
+flags.DEFINE_string("dicom_labels", None, "dicom: optional CSV with a 'label' column and a "
+                    "'SOPInstanceUID' or 'file' (path relative to --input) column.")
 
 
 def _fractions(values):
@@ -50,7 +61,10 @@ def main(argv):
         salt = writer.load_or_create_salt(
             FLAGS.salt_file or os.path.abspath(FLAGS.output_dir).rstrip(os.sep) + ".salt")
     logging.info("micle-data: reading the %s source", FLAGS.source)
-    data = module.build(input_path=FLAGS.input, label_names=FLAGS.label_names, task=FLAGS.task)
+    data = module.build(input_path=FLAGS.input, label_names=FLAGS.label_names, task=FLAGS.task,
+                        chexpert_labels=FLAGS.chexpert_labels, chexpert_case=FLAGS.chexpert_case,
+                        frontal_only=FLAGS.frontal_only, dicom_case=FLAGS.dicom_case,
+                        dicom_labels=FLAGS.dicom_labels)
     logging.info("micle-data: %d cases, %d image rows described (%d rejected before loading)",
                  len(data.cases), data.items_read, len(data.rejected))
     info = writer.write_dataset(data, FLAGS.output_dir, salt,

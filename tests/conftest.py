@@ -25,6 +25,9 @@ def two_replica_strategy():
     """A MirroredStrategy over two logical CPU devices."""
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     assert len(devices) == 2, devices
+    # Each new MirroredStrategy restarts its collective keys; TF caches collective shapes by
+    # key, so a later strategy with other shapes would clash. TF's own tests bump the base.
+    tf.distribute.MirroredStrategy._collective_key_base += 1000
     return tf.distribute.MirroredStrategy(devices)
 
 

@@ -49,6 +49,14 @@ attribute names: ``Conv2dFixedPadding.conv2d`` (a ``keras.layers.Conv2D``: ``ker
 ``moving_mean``, ``moving_variance``), and ``SKConv2D.{conv2d_fixed_padding,
 batch_norm_relu, conv2d_0, batch_norm_relu_1, conv2d_1}``.  Variable shapes are the same
 as simclr's (channels-last).
+
+``tf.train.Checkpoint(model=r)`` (see ``TFCheckpointListsMixin``) saves the same
+structure under ``model/stem_layers/{n}/...``, ``model/block_groups/{g}/blocks/{b}/
+{shortcut_layers,conv_layers}/{n}/...`` (Keras 3 names conv/dense kernels ``_kernel``).
+
+Note: freezing is done with per-layer ``trainable`` flags set at construction; setting
+``model.trainable = True`` afterwards propagates to every sub-layer and unfreezes them
+(the ``stop_gradient`` stays).  Rebuild from ``get_config`` to change the cut.
 """
 from __future__ import annotations
 

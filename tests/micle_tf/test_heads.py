@@ -101,6 +101,20 @@ def test_get_config_round_trip():
     assert isinstance(restored, ProjectionHead) and restored.get_config() == config
 
 
+def test_tf_checkpoint_tracks_linear_layers(tmp_path):
+    head = ProjectionHead(num_proj_layers=2, proj_out_dim=4)
+    feats = _features()
+    head(feats, training=True)
+    path = tf.train.Checkpoint(head=head).save(str(tmp_path / "ckpt"))
+    names = {n for n, _ in tf.train.list_variables(path)}
+    assert "head/linear_layers/1/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE" in names
+    assert "head/linear_layers/0/bn_relu/bn/beta/.ATTRIBUTES/VARIABLE_VALUE" in names
+    restored = ProjectionHead(num_proj_layers=2, proj_out_dim=4)
+    tf.train.Checkpoint(head=restored).restore(path)
+    np.testing.assert_allclose(restored(feats, training=False)[0].numpy(),
+                               head(feats, training=False)[0].numpy(), rtol=1e-6)
+
+
 def test_mixed_precision_output_is_float32():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -181,6 +181,33 @@ def test_get_config_round_trip_identical_outputs():
     assert isinstance(restored, ResNet) and restored.get_config() == config
 
 
+def test_tf_checkpoint_and_keras_weights_round_trip(tmp_path):
+    model = ResNet(18, width_multiplier=TINY, small_image_stem=True)
+    images = _images(seed=5)
+    model(images, training=True)
+    expected = model(images, training=False).numpy()
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    names = {n for n, _ in tf.train.list_variables(path)}
+    # Every variable is in the TF object graph, under simclr-like list paths.
+    assert sum(n.startswith("model/") for n in names) == len(model.weights)
+    assert "model/stem_layers/0/conv2d/_kernel/.ATTRIBUTES/VARIABLE_VALUE" in names
+    assert ("model/block_groups/1/blocks/0/shortcut_layers/1/bn/moving_mean/"
+            ".ATTRIBUTES/VARIABLE_VALUE") in names
+    # Deferred restore into an unbuilt model.
+    restored = ResNet(18, width_multiplier=TINY, small_image_stem=True)
+    status = tf.train.Checkpoint(model=restored).restore(path)
+    np.testing.assert_allclose(restored(images, training=False).numpy(), expected,
+                               rtol=1e-6, atol=1e-6)
+    status.assert_consumed()
+    # Keras-native weights file.
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    other = ResNet(18, width_multiplier=TINY, small_image_stem=True)
+    other.build((None, 32, 32, 3))
+    other.load_weights(str(tmp_path / "w.weights.h5"))
+    np.testing.assert_allclose(other(images, training=False).numpy(), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         ResNet(20)

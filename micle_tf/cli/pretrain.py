@@ -1,0 +1,60 @@
+"""`micle-pretrain`: SimCLR or MICLe pretraining on case-bag records.
+
+  micle-pretrain --method=micle --data_dir=/tmp/ph2 --model_dir=/tmp/micle \
+      --backbone=resnet18 --image_size=32 --batch_size=32 --train_epochs=20
+
+Re-running with the same --model_dir resumes from its newest checkpoint.
+`--init_checkpoint` starts the encoder from another run (a model_dir) or from a
+google-research/simclr TF2 checkpoint (`imagenet_simclr:PATH`) — stage 2 of the recipe.
+"""
+import json
+import sys
+
+from absl import app, flags
+
+from micle_tf import config as config_lib
+from micle_tf.cli import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("method", None, ["simclr", "micle"], "Where positive pairs come from: two "
+                  "views of one image (simclr) or two images of one case (micle).")
+common.define_model_flags()
+common.define_train_flags()
+flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
+flags.DEFINE_enum("augment", "derm", ["derm", "cxr", "finetune", "none"], "Augmentation preset.")
+flags.DEFINE_string("init_checkpoint", None, "Encoder weights to start from: a model_dir, a "
+                    "checkpoint prefix, or imagenet_simclr:PATH.")
+flags.DEFINE_bool("linear_probe", True, "Online linear probe on stop-gradient features.")
+flags.DEFINE_bool("knn_monitor", True, "kNN accuracy and same-case retrieval on the val split "
+                  "at each epoch end.")
+flags.DEFINE_string("tfds_name", None, "Pretrain on a prepared TFDS image dataset instead of "
+                    "records (stage 1, e.g. imagenet2012).")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --tfds_name.")
+
+
+def main(argv):
+    del argv
+    common.setup_logging()
+    common.require("method", "model_dir")
+    if not FLAGS.tfds_name:
+        common.require("data_dir")
+    cfg = config_lib.PretrainConfig(
+        method=FLAGS.method, model=common.model_config_from_flags(),
+        temperature=FLAGS.temperature, augment=FLAGS.augment,
+        init_checkpoint=FLAGS.init_checkpoint, linear_probe=FLAGS.linear_probe,
+        knn_monitor=FLAGS.knn_monitor, tfds_name=FLAGS.tfds_name,
+        tfds_data_dir=FLAGS.tfds_data_dir, **common.train_kwargs_from_flags())
+    from micle_tf.training.pretrain import run_pretraining
+    summary = run_pretraining(cfg)
+    if summary is not None:
+        keys = ("method", "final_step", "final_loss", "final_contrastive_accuracy",
+                "images_per_second", "checkpoint")
+        print(json.dumps({k: summary.get(k) for k in keys}))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

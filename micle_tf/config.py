@@ -1,0 +1,81 @@
+"""Configs as plain dataclasses. The CLIs turn absl flags into these; library code takes them.
+
+Defaults follow the SimCLR/MICLe recipes where they apply to small data; every field is a
+plain JSON value so a config is written into each run's summary and can be re-created from it.
+"""
+import dataclasses
+from typing import Optional
+
+BACKBONE_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101,
+                   "resnet152": 152}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    width_multiplier: int = 1
+    sk_ratio: float = 0.0
+    image_size: int = 224
+    proj_out_dim: int = 128
+    num_proj_layers: int = 3
+    proj_hidden_dim: Optional[int] = None  # None = backbone feature width, as in SimCLR
+    synchronized_bn: bool = False
+    bn_momentum: float = 0.9
+
+    @property
+    def depth(self):
+        if self.backbone not in BACKBONE_DEPTHS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of "
+                             f"{sorted(BACKBONE_DEPTHS)}")
+        return BACKBONE_DEPTHS[self.backbone]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What every training run shares (pretraining and fine-tuning)."""
+    data_dir: str = ""
+    model_dir: str = ""
+    batch_size: int = 256
+    train_steps: Optional[int] = None  # overrides train_epochs when set
+    train_epochs: int = 100
+    steps_per_epoch: Optional[int] = None  # default: train cases // batch (>= 1)
+    learning_rate: float = 0.3
+    learning_rate_scaling: str = "linear"
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    optimizer: str = "lars"
+    momentum: float = 0.9
+    strategy: str = "default"
+    tpu: Optional[str] = None
+    mixed_precision: Optional[str] = None  # None | "bfloat16" | "float16"
+    seed: int = 0
+    keep_checkpoints: int = 3
+    verbose: int = 1
+    train_split: str = "train"
+    eval_split: str = "val"
+
+
+@dataclasses.dataclass
+class PretrainConfig(TrainConfig):
+    method: str = "simclr"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    temperature: float = 0.1
+    augment: str = "derm"
+    init_checkpoint: Optional[str] = None  # encoder weights to start from (stage 2)
+    linear_probe: bool = True  # online probe when the train split has labels
+    knn_monitor: bool = True  # kNN accuracy + same-case retrieval on eval_split per epoch
+    tfds_name: Optional[str] = None  # stage 1 on a TFDS image dataset instead of records
+    tfds_data_dir: Optional[str] = None
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, values):
+    """Re-creates a config (nested ModelConfig included) from `to_dict` output."""
+    values = dict(values)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "model" in values and isinstance(values["model"], dict):
+        values["model"] = ModelConfig(**values["model"])
+    return cls(**{k: v for k, v in values.items() if k in fields})

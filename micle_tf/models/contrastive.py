@@ -1,0 +1,162 @@
+"""ContrastiveModel: SimCLR and MICLe pretraining as one Keras model with a custom train_step.
+
+SimCLR and MICLe share everything but the source of the positive pair: SimCLR gets two
+augmentations of one image, MICLe two augmented *different* images of one patient case (the
+reader builds the pair; see `data_pipelines.reader`). So the model only sees `view1`/`view2`.
+
+train_step: both views go through the encoder in one batch (BN statistics over both, as in
+SimCLR), the projection head maps them to z, NT-Xent with negatives gathered from every replica.
+An optional linear probe on stop-gradient encoder features learns from the labelled cases of
+the batch: it measures the representation during pretraining without shaping it.
+"""
+import keras
+import tensorflow as tf
+
+from micle_tf.losses import nt_xent_loss
+
+
+def _probe_loss_and_accuracy(logits, labels, task):
+    """Masked probe loss over labelled entries (multiclass label -1 / multilabel codes other
+    than 0/1 are ignored). Returns (loss, accuracy, weight)."""
+    logits = tf.cast(logits, tf.float32)
+    if task == "multiclass":
+        mask = tf.cast(labels >= 0, tf.float32)
+        safe = tf.maximum(labels, 0)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), safe), tf.float32)
+    else:
+        mask = tf.cast((labels == 0) | (labels == 1), tf.float32)
+        target = tf.cast(tf.equal(labels, 1), tf.float32)
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+        correct = tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), target), tf.float32)
+    weight = tf.reduce_sum(mask)
+    loss = tf.math.divide_no_nan(tf.reduce_sum(ce * mask), weight)
+    accuracy = tf.math.divide_no_nan(tf.reduce_sum(correct * mask), weight)
+    return loss, accuracy, weight
+
+
+@keras.saving.register_keras_serializable(package="micle_tf")
+class ContrastiveModel(keras.Model):
+    """Encoder + projection head (+ optional linear probe) trained with NT-Xent.
+
+    Args:
+      encoder: a backbone mapping images [B,H,W,3] to features [B,D] (e.g. `ResNet`).
+      projection_head: `ProjectionHead` returning (z, hiddens).
+      temperature: NT-Xent temperature.
+      method: "simclr" or "micle" — recorded in the config (the data decides the pairs).
+      num_classes: size of the online linear probe; 0 disables it.
+      task: "multiclass" or "multilabel" (probe loss).
+    """
+
+    def __init__(self, encoder, projection_head, temperature=0.1, method="simclr",
+                 num_classes=0, task="multiclass", **kwargs):
+        super().__init__(**kwargs)
+        if method not in ("simclr", "micle"):
+            raise ValueError(f"unknown pretraining method {method!r}")
+        self.encoder = encoder
+        self.projection_head = projection_head
+        self.temperature = float(temperature)
+        self.method = method
+        self.num_classes = int(num_classes)
+        self.task = task
+        self.probe = (keras.layers.Dense(self.num_classes, name="linear_probe", dtype="float32")
+                      if self.num_classes else None)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.contrastive_loss_tracker = keras.metrics.Mean(name="contrastive_loss")
+        self.contrastive_acc_tracker = keras.metrics.Mean(name="contrastive_accuracy")
+        self.contrastive_entropy_tracker = keras.metrics.Mean(name="contrastive_entropy")
+        self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
+        self.probe_acc_tracker = keras.metrics.Mean(name="probe_accuracy")
+
+    def call(self, images, training=False):
+        features = self.encoder(images, training=training)
+        z, _ = self.projection_head(features, training=training)
+        return {"features": features, "projection": z}
+
+    def build_for(self, image_size, channels=3):
+        """Creates every variable (needed before fit/restore under a tf.distribute strategy)."""
+        images = tf.zeros([2, image_size, image_size, channels], self.compute_dtype)
+        features = self.encoder(images, training=False)
+        self.projection_head(features, training=False)
+        if self.probe is not None:
+            self.probe(tf.cast(features, tf.float32))
+        self.built = True
+        return self
+
+    def build(self, input_shape):
+        self.build_for(int(input_shape[1]), int(input_shape[-1]))
+
+    @property
+    def metrics(self):
+        out = [self.loss_tracker, self.contrastive_loss_tracker, self.contrastive_acc_tracker,
+               self.contrastive_entropy_tracker]
+        if self.probe is not None:
+            out += [self.probe_loss_tracker, self.probe_acc_tracker]
+        return out
+
+    def compute_losses(self, data, training=True):
+        """Forward pass of one (per-replica) batch -> (total loss, metric values)."""
+        view1, view2 = data["view1"], data["view2"]
+        batch = tf.shape(view1)[0]
+        features = self.encoder(tf.concat([view1, view2], axis=0), training=training)
+        z, _ = self.projection_head(features, training=training)
+        z1, z2 = z[:batch], z[batch:]
+        contrastive, m = nt_xent_loss(z1, z2, self.temperature, return_metrics=True)
+        total = contrastive
+        values = {"contrastive_loss": contrastive, **m}
+        if self.probe is not None and "label" in data:
+            labels = tf.concat([data["label"], data["label"]], axis=0)
+            logits = self.probe(tf.stop_gradient(tf.cast(features, tf.float32)))
+            probe_loss, probe_acc, weight = _probe_loss_and_accuracy(logits, labels, self.task)
+            total = total + probe_loss
+            values.update(probe_loss=probe_loss, probe_accuracy=probe_acc, probe_weight=weight)
+        return total, values
+
+    def train_step(self, data):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            total, values = self.compute_losses(data, training=True)
+            # Keras sums gradients over replicas: scale so the sum is the global mean's gradient.
+            scaled = total / replicas
+            if hasattr(self.optimizer, "scale_loss"):
+                scaled = self.optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        return self._update_metrics(total, values)
+
+    def test_step(self, data):
+        total, values = self.compute_losses(data, training=False)
+        return self._update_metrics(total, values)
+
+    def _update_metrics(self, total, values):
+        self.loss_tracker.update_state(total)
+        self.contrastive_loss_tracker.update_state(values["contrastive_loss"])
+        self.contrastive_acc_tracker.update_state(values["contrastive_accuracy"])
+        self.contrastive_entropy_tracker.update_state(values["contrastive_entropy"])
+        if "probe_loss" in values:
+            # Weighted by the number of labelled entries, so unlabelled batches do not count.
+            self.probe_loss_tracker.update_state(values["probe_loss"],
+                                                 sample_weight=values["probe_weight"])
+            self.probe_acc_tracker.update_state(values["probe_accuracy"],
+                                                sample_weight=values["probe_weight"])
+        return {m.name: m.result() for m in self.metrics}
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "projection_head": keras.saving.serialize_keras_object(self.projection_head),
+            "temperature": self.temperature,
+            "method": self.method,
+            "num_classes": self.num_classes,
+            "task": self.task,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["projection_head"] = keras.saving.deserialize_keras_object(
+            config["projection_head"])
+        return cls(**config)
