@@ -87,7 +87,7 @@ def pixels_to_uint8(arr, ds):
         y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     y = np.clip(y, 0.0, 1.0)
     if photometric == "MONOCHROME1":
-        y = y
+        y = 1.0 - y
     return np.rint(y * 255.0).astype(np.uint8)
 
 
