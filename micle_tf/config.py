@@ -68,6 +68,20 @@ class PretrainConfig(TrainConfig):
     tfds_data_dir: Optional[str] = None
 
 
+@dataclasses.dataclass
+class FinetuneConfig(TrainConfig):
+    init_from: str = "none"  # a pretrain model_dir | imagenet_simclr:PATH | none
+    label_fraction: float = 1.0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    ft_proj_selector: int = 0
+    fine_tune_after_block: int = -1  # -1 all layers; 4 = linear evaluation (frozen encoder)
+    uncertainty_policy: str = "ignore"
+    label_smoothing: float = 0.0
+    augment: str = "finetune"
+    level: str = "image"  # training examples are images; evaluation aggregates per case
+    early_stopping_patience: Optional[int] = None  # epochs without val AUC gain
+
+
 def to_dict(config):
     return dataclasses.asdict(config)
 

@@ -65,15 +65,20 @@ def resolve_checkpoint(path):
     raise FileNotFoundError(f"checkpoint {path} not found")
 
 
-def load_encoder_weights(encoder, path):
-    """Initialises `encoder` (weights only) from a micle-tf checkpoint: a pretraining or
-    fine-tuning model_dir, or a checkpoint prefix. Optimizer state and heads are ignored.
-    `imagenet_simclr:PATH` reads a google-research/simclr TF2 checkpoint instead."""
+def load_encoder_weights(encoder, path, projection_head=None):
+    """Initialises `encoder` (and optionally `projection_head`), weights only, from a micle-tf
+    checkpoint: a pretraining or fine-tuning model_dir, or a checkpoint prefix. Optimizer state
+    and other heads are ignored. `imagenet_simclr:PATH` reads a google-research/simclr TF2
+    checkpoint instead."""
     if path.startswith("imagenet_simclr:"):
         from micle_tf.models import simclr_import
-        return simclr_import.load_simclr_encoder(encoder, path.split(":", 1)[1])
+        return simclr_import.load_simclr_encoder(encoder, path.split(":", 1)[1],
+                                                 projection_head=projection_head)
     prefix = resolve_checkpoint(path)
-    holder = tf.train.Checkpoint(model=tf.train.Checkpoint(encoder=encoder))
+    parts = {"encoder": encoder}
+    if projection_head is not None:
+        parts["projection_head"] = projection_head
+    holder = tf.train.Checkpoint(model=tf.train.Checkpoint(**parts))
     status = holder.restore(prefix)
     status.expect_partial()
     # every encoder variable must have been found in the checkpoint
