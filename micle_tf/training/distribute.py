@@ -61,3 +61,29 @@ def set_mixed_precision(policy):
         keras.mixed_precision.set_global_policy("mixed_float16")
     else:
         raise ValueError(f"unknown mixed precision policy {policy!r} (bfloat16, float16)")
+
+
+def prepare_keras_fit(model, strategy):
+    """Works around two Keras 3 (3.15) `fit` bugs under a multi-replica tf.distribute strategy;
+    call it on a built, compiled model (optimizer built) before `fit`.
+
+    1. `fit` first pulls one batch and `strategy.reduce("MEAN", batch)`s it to build the model
+       symbolically. That fails on dict batches (a string `case_id` cannot be averaged, and the
+       collective strategy cannot reduce a dict at all), and the batch is not needed once the
+       model and optimizer are built: the step is skipped.
+    2. Under MultiWorkerMirroredStrategy `fit` reduces the train step's logs with
+       `strategy.reduce("MEAN", v, axis=0)`, which fails for scalar logs ("Invalid reduction
+       dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388). The logs are
+       returned as [1] vectors there, which that reduction turns back into cross-worker means.
+    """
+    if getattr(model, "built", False) and getattr(model.optimizer, "built", False):
+        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        step = model.train_step
+
+        def train_step(data):
+            return {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+        model.train_step = train_step
+    return model

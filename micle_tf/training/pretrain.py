@@ -24,7 +24,8 @@ from micle_tf.models.factory import build_encoder, build_projection_head
 from micle_tf.optimizers import WarmupCosineDecay, build_optimizer, scale_learning_rate
 from micle_tf.training import callbacks as cb
 from micle_tf.training.checkpoints import CheckpointState, load_encoder_weights
-from micle_tf.training.distribute import create_strategy, is_chief, set_mixed_precision
+from micle_tf.training.distribute import (create_strategy, is_chief, prepare_keras_fit,
+                                         set_mixed_precision)
 
 SUMMARY_FILE = "pretrain_summary.json"
 CONFIG_FILE = "pretrain_config.json"
@@ -120,6 +121,7 @@ def run_pretraining(cfg):
         optimizer = build_optimizer(cfg.optimizer, schedule, cfg.weight_decay, cfg.momentum)
         model.compile(optimizer=optimizer)
         model.optimizer.build(model.trainable_variables)
+        prepare_keras_fit(model, strategy)
         state = CheckpointState(cfg.model_dir, model, model.optimizer, cfg.keep_checkpoints,
                                 chief=chief)
         restored = state.restore_latest()

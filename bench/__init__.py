@@ -1,0 +1,1 @@
+"""Benchmarks (not library code): input pipeline, train step, GPU script. See bench/README.md."""

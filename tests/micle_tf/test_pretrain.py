@@ -1,0 +1,107 @@
+"""Pretraining runner: schedule planning, exact resume, summary, and a learning test."""
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipelines import reader
+from micle_tf import config as C
+from micle_tf.evaluation import knn
+from micle_tf.training.callbacks import embed
+from micle_tf.training.checkpoints import load_encoder_weights
+from micle_tf.training.pretrain import (_segments, build_pretraining_model, plan_schedule,
+                                        run_pretraining)
+
+
+def tiny_cfg(data_dir, model_dir, **kw):
+    values = dict(method="micle", data_dir=data_dir, model_dir=str(model_dir),
+                  model=C.ModelConfig(backbone="resnet18", width_multiplier=0.125,
+                                      image_size=32, proj_out_dim=16),
+                  batch_size=16, train_steps=6, steps_per_epoch=2, learning_rate=0.5,
+                  warmup_epochs=1, verbose=0, knn_monitor=False)
+    values.update(kw)
+    return C.PretrainConfig(**values)
+
+
+def test_plan_and_segments():
+    cfg = C.PretrainConfig(batch_size=32, train_epochs=3, warmup_epochs=1)
+    assert plan_schedule(cfg, 139) == (4, 12, 4)
+    cfg = C.PretrainConfig(batch_size=32, train_steps=10, warmup_epochs=0.5)
+    assert plan_schedule(cfg, 139) == (4, 10, 2)
+    assert _segments(0, 4, 10) == [(0, 2, 4), (2, 1, 2)]
+    assert _segments(8, 4, 10) == [(2, 1, 2)]
+    assert _segments(5, 4, 12) == [(1, 1, 3), (2, 1, 4)]  # mid-epoch: finish it, then go on
+    assert _segments(12, 4, 12) == []
+
+
+def _variables(prefix):
+    r = tf.train.load_checkpoint(prefix)
+    return {k: r.get_tensor(k) for k in r.get_variable_to_shape_map()
+            if k.startswith(("model/", "optimizer/"))}
+
+
+def test_resume_replays_exactly(ph2_records, tmp_path):
+    cfg = tiny_cfg(ph2_records, tmp_path / "run")
+    summary = run_pretraining(cfg)
+    assert summary["final_step"] == 6 and np.isfinite(summary["final_loss"])
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    final = _variables(str(ckpt_dir / "ckpt-6"))
+    # Interrupt after step 4: drop the last checkpoint as if the run died before saving it.
+    for f in ckpt_dir.glob("ckpt-6*"):
+        f.unlink()
+    (ckpt_dir / "checkpoint").write_text('model_checkpoint_path: "ckpt-4"\n'
+                                         'all_model_checkpoint_paths: "ckpt-4"\n')
+    resumed = run_pretraining(cfg)
+    assert resumed["resumed_from_step"] == 4 and resumed["final_step"] == 6
+    again = _variables(str(ckpt_dir / "ckpt-6"))
+    assert final.keys() == again.keys() and len(final) > 50
+    worst = max(float(np.max(np.abs(final[k] - again[k]))) for k in final)
+    assert worst <= 1e-6, worst
+    summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
+    assert summary["config"]["method"] == "micle" and summary["images_per_second"] > 0
+
+
+def test_init_checkpoint_starts_encoder_from_another_run(ph2_records, tmp_path):
+    first = tiny_cfg(ph2_records, tmp_path / "a", train_steps=2)
+    run_pretraining(first)
+    second = tiny_cfg(ph2_records, tmp_path / "b", train_steps=2, method="simclr",
+                      init_checkpoint=str(tmp_path / "a"))
+    model = build_pretraining_model(second, 3)
+    load_encoder_weights(model.encoder, second.init_checkpoint)
+    reference = tf.train.load_checkpoint(str(tmp_path / "a" / "checkpoints" / "ckpt-2"))
+    kernel = model.encoder.stem_layers[0].conv2d.kernel
+    key = [k for k in reference.get_variable_to_shape_map()
+           if k.startswith("model/encoder/") and "stem_layers/0" in k and "kernel" in k
+           and "OPTIMIZER" not in k]
+    assert key, "stem kernel not found in checkpoint"
+    np.testing.assert_array_equal(kernel.numpy(), reference.get_tensor(key[0]))
+    assert run_pretraining(second)["final_step"] == 2
+
+
+def _same_lesion_top1(encoder, data_dir):
+    ds = reader.make_dataset(data_dir, "test", "supervised", 100, 32, training=False)
+    emb, _, cases = embed(encoder, ds)
+    return knn.same_case_retrieval(emb, cases, k=1)["top1_hit_rate"]
+
+
+@pytest.mark.slow
+def test_pretraining_learns_same_lesion_structure(ph2_records, tmp_path):
+    """Catches a silently broken loss or gradient path. Patches of one held-out lesion (test
+    split, never trained on) should become each other's nearest neighbours. Measured on this
+    machine (resnet18 width 0.25, 32 px, batch 64, 40 steps): top-1 same-lesion retrieval
+    rose from about 0.68 at initialisation to about 0.84; we assert half that gain."""
+    cfg = tiny_cfg(ph2_records, tmp_path / "learn", method="micle", batch_size=64,
+                   train_steps=40, steps_per_epoch=None, learning_rate=1.0, temperature=0.2,
+                   model=C.ModelConfig(backbone="resnet18", width_multiplier=0.25,
+                                       image_size=32))
+    keras.utils.set_random_seed(1)
+    before = _same_lesion_top1(build_pretraining_model(cfg, 3).encoder, ph2_records)
+    run_pretraining(cfg)
+    trained = build_pretraining_model(cfg, 3)
+    load_encoder_weights(trained.encoder, cfg.model_dir)
+    after = _same_lesion_top1(trained.encoder, ph2_records)
+    assert after >= before + 0.08, (before, after)
