@@ -113,6 +113,12 @@ def check_no_leakage(model_dir, cfg, facts, data_dir, split, info=None):
     return eval_ids
 
 
+def _check(model_dir, cfg, facts, data_dir, split):
+    info = read_info(data_dir)
+    check_compatible(facts, info, data_dir)
+    check_no_leakage(model_dir, cfg, facts, data_dir, split, info)
+
+
 # ------------------------------------------------------------------------------ evaluation
 def _level_view(case_ids, labels, probs, level):
     """(labels, probs, groups) at the evaluation level (case = mean of its images)."""
@@ -123,15 +129,14 @@ def _level_view(case_ids, labels, probs, level):
 
 
 def _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boot, seed, out_dir,
-                     tag, batch_size, title):
+                     tag, batch_size, title, predict_fn=None):
+    """Predicts, scores and writes the files of one evaluation (checks done by the caller)."""
     from micle_tf.training.finetune import predict_split
     info = read_info(data_dir)
-    check_compatible(facts, info, data_dir)
-    check_no_leakage(model_dir, cfg, facts, data_dir, split, info)
     logging.info("evaluating %s on %s/%s (%s level, %d bootstrap resamples)", model_dir,
                  data_dir, split, level, n_boot)
     case_ids, labels, probs = predict_split(model, data_dir, split, cfg.model.image_size,
-                                            batch_size, info=info)
+                                            batch_size, info=info, predict_fn=predict_fn)
     names = list(facts["label_names"])
     result = metrics_lib.evaluate_predictions(
         case_ids, labels, probs, facts["task"], names, level=level, n_boot=n_boot, seed=seed,
@@ -164,7 +169,7 @@ def evaluate_model_dir(model_dir, data_dir, split, level="case", n_boot=1000, se
     and returns the metrics dict. `which`: "best" (by val AUC) or "latest" checkpoint."""
     from micle_tf.training.finetune import load_classifier, load_finetune_config
     cfg, facts = load_finetune_config(model_dir)
-    check_compatible(facts, read_info(data_dir), data_dir)  # before building anything
+    _check(model_dir, cfg, facts, data_dir, split)  # before building anything
     model, cfg, facts = load_classifier(model_dir, which)
     result, _ = _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boot,
                                  seed, out_dir or model_dir, split, batch_size,
@@ -200,21 +205,25 @@ def evaluate_shift(model_dir, in_data_dir, shift_data_dir, split="test", shift_s
     "gap" ({metric: in - shifted}), "gap_ci95" (unpaired), "ci_note"}. The two case sets differ,
     so there is no paired test: `gap_ci95` comes from independent bootstraps of the two case
     sets (resample each, subtract), and each metric set keeps its own CI."""
-    from micle_tf.training.finetune import load_classifier, load_finetune_config
+    from micle_tf.training.finetune import (load_classifier, load_finetune_config,
+                                            make_predict_fn)
     shift_split = shift_split or split
     out_dir = out_dir or model_dir
     cfg, facts = load_finetune_config(model_dir)
-    for d in (in_data_dir, shift_data_dir):
-        check_compatible(facts, read_info(d), d)
+    for d, sp in ((in_data_dir, split), (shift_data_dir, shift_split)):
+        _check(model_dir, cfg, facts, d, sp)
     model, cfg, facts = load_classifier(model_dir, which)
     name = os.path.basename(os.path.abspath(model_dir))
+    predict_fn = make_predict_fn(model)  # one trace for both datasets
     in_res, in_pred = _evaluate_loaded(model, cfg, facts, model_dir, in_data_dir, split, level,
                                        n_boot, seed, out_dir, split, batch_size,
-                                       f"Evaluation of {name} on {split} ({level} level)")
+                                       f"Evaluation of {name} on {split} ({level} level)",
+                                       predict_fn)
     sh_res, sh_pred = _evaluate_loaded(model, cfg, facts, model_dir, shift_data_dir, shift_split,
                                        level, n_boot, seed, out_dir, f"shifted_{split}",
                                        batch_size, f"Evaluation of {name} on the shifted set "
-                                       f"{shift_split} of {shift_data_dir} ({level} level)")
+                                       f"{shift_split} of {shift_data_dir} ({level} level)",
+                                       predict_fn)
     gap = {}
     for m in GAP_METRICS:
         a, b = in_res.get(m), sh_res.get(m)

@@ -304,7 +304,10 @@ def export_saved_model(model_dir, export_dir, which="best", overwrite=False):
             f.write("".join(n + "\n" for n in label_names))
         module.label_names_file = tf.saved_model.Asset(labels_file)
         try:
-            tf.saved_model.save(module, target, signatures=module.signatures())
+            # custom-gradient tracing only matters for training a reloaded model
+            tf.saved_model.save(module, target, signatures=module.signatures(),
+                                options=tf.saved_model.SaveOptions(
+                                    experimental_custom_gradients=False))
             extra = os.path.join(target, "assets.extra")
             tf.io.gfile.makedirs(extra)
             with tf.io.gfile.GFile(os.path.join(extra, EXPORT_INFO_FILE), "w") as f:

@@ -73,12 +73,12 @@ def r50_1x_checkpoint(tmp_path_factory):
              "model/supervised_head/linear_layer/dense/bias": np.zeros([10], np.float32)}
     prefix = simclr_import.write_simclr_checkpoint(enc, path, head, global_step=100,
                                                    extra=extra)
-    return prefix
+    return prefix, enc
 
 
 def test_writer_layout_equals_upstream_r50_1x(r50_1x_checkpoint):
     ref = _reference("r50_1x_sk0.txt")
-    listed = dict(tf.train.list_variables(r50_1x_checkpoint))
+    listed = dict(tf.train.list_variables(r50_1x_checkpoint[0]))
     written = {k: list(s) for k, s in listed.items()
                if k.startswith("model/") and not k.startswith("model/supervised_head")}
     assert written == ref, _diff(written, ref)
@@ -141,16 +141,16 @@ def test_round_trip_identical_weights_and_outputs(tmp_path, depth, sk, small):
                                   head_b(fb, training=False)[0].numpy())
 
     # Encoder only: the checkpoint's head keys are skipped without complaint.
-    enc_c = ResNet(depth, **kw)
-    summary = simclr_import.load_simclr_encoder(enc_c, prefix)  # unbuilt: built by the loader
+    _randomize(enc_b.weights, seed=99)
+    summary = simclr_import.load_simclr_encoder(enc_b, prefix)
     assert summary["head_variables"] == 0 and summary["skipped_head_keys"] > 0
-    for va, vc in zip(enc_a.weights, enc_c.weights):
-        assert np.array_equal(va.numpy(), vc.numpy()), va.path
+    for va, vb in zip(enc_a.weights, enc_b.weights):
+        assert np.array_equal(va.numpy(), vb.numpy()), va.path
 
 
 def test_r50_1x_loads_and_ignores_supervised_head(r50_1x_checkpoint):
-    enc = resnet_lib.build_resnet(50, width_multiplier=1, image_size=224)
-    summary = simclr_import.load_simclr_encoder(enc, os.path.dirname(r50_1x_checkpoint))
+    prefix, enc = r50_1x_checkpoint
+    summary = simclr_import.load_simclr_encoder(enc, os.path.dirname(prefix))
     assert summary["encoder_variables"] == 265
     assert summary["skipped_head_keys"] == 14
     assert summary["ignored_keys"] == 3  # global_step + supervised head kernel/bias
@@ -160,40 +160,40 @@ def test_r50_1x_into_2x_raises_listing_unmatched(r50_1x_checkpoint, monkeypatch)
     _cheap(monkeypatch)
     enc = ResNet(50, width_multiplier=2, dtype="float16")
     with pytest.raises(ValueError) as err:
-        simclr_import.load_simclr_encoder(enc, r50_1x_checkpoint)
+        simclr_import.load_simclr_encoder(enc, r50_1x_checkpoint[0])
     msg = str(err.value)
-    assert "width 1x" in msg and "width 2x" in msg
+    assert "checkpoint: ResNet-50 width 1x, no SK" in msg
+    assert "ours:       ResNet-50 width 2x, no SK" in msg
     assert "shape mismatches" in msg
     assert ("model/resnet_model/initial_conv_relu_max_pool/0/conv2d/kernel: "
             "ours [7, 7, 3, 128], checkpoint [7, 7, 3, 64]") in msg
-    # SK model: stem/shortcut/SK keys missing, plain keys unused
-    enc_sk = ResNet(50, width_multiplier=1, sk_ratio=0.0625, dtype="float16")
+
+
+def test_mismatches_list_keys_and_leave_model_untouched(tmp_path):
+    enc = ResNet(18, width_multiplier=0.125)
+    prefix = simclr_import.write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"))
+    # selective kernels / ResNet-D: stem and shortcut keys missing, plain ones unused
+    sk = ResNet(18, width_multiplier=0.125, sk_ratio=0.0625)
     with pytest.raises(ValueError) as err:
-        simclr_import.load_simclr_encoder(enc_sk, r50_1x_checkpoint)
+        simclr_import.load_simclr_encoder(sk, prefix)
     msg = str(err.value)
     assert "of our variables have no checkpoint key" in msg
-    assert ("block_groups/0/layers/0/conv_relu_dropblock_layers/3/conv2d_fixed_padding/"
-            "conv2d/kernel [3, 3, 64, 128]") in msg
+    assert "initial_conv_relu_max_pool/4/conv2d/kernel [3, 3, 4, 8]" in msg
     assert "left unused" in msg
-    assert "block_groups/0/layers/0/conv_relu_dropblock_layers/4/bn/gamma [64]" in msg
-
-
-def test_mismatch_leaves_model_untouched_and_names_depth(tmp_path):
-    enc = ResNet(50, width_multiplier=0.125)
-    prefix = simclr_import.write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"))
-    deeper = ResNet(101, width_multiplier=0.125)
+    assert "block_groups/1/layers/0/shortcut_layers/1/bn/gamma [16]" in msg
+    # other depth
+    deeper = ResNet(34, width_multiplier=0.125)
     deeper.build((None, 32, 32, 3))
     before = [v.numpy().copy() for v in deeper.weights]
-    with pytest.raises(ValueError, match="ResNet-50 width 0.125x") as err:
+    with pytest.raises(ValueError, match="checkpoint: ResNet-18 width 0.125x") as err:
         simclr_import.load_simclr_encoder(deeper, prefix)
-    assert "ours:       ResNet-101" in str(err.value)
-    assert "block_groups/2/layers/6/" in str(err.value)  # R50 has 6 blocks there
+    assert "ours:       ResNet-34" in str(err.value)
+    assert "block_groups/1/layers/2/" in str(err.value)  # R18 has 2 blocks there
     for b, v in zip(before, deeper.weights):
         assert np.array_equal(b, v.numpy())
     # a head asked for but absent from the checkpoint
     with pytest.raises(ValueError, match="no checkpoint key"):
-        simclr_import.load_simclr_encoder(ResNet(50, width_multiplier=0.125), prefix,
-                                          projection_head=ProjectionHead(2, 8))
+        simclr_import.load_simclr_encoder(enc, prefix, projection_head=ProjectionHead(2, 8))
 
 
 def test_not_a_simclr_checkpoint(tmp_path):

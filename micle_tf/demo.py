@@ -1,0 +1,273 @@
+"""The main job: the paper's whole pipeline on the embedded PH² data, in one work directory.
+
+Stages (each reused when its output already exists, so a second run only redoes what is
+missing):
+  1. records     micle-data --source=ph2 (199 lesion bags x 20 patches, split by lesion)
+  2. init        one starting encoder shared by SimCLR and MICLe (an ImageNet SimCLR checkpoint
+                 when given, else one seeded random initialisation: no ImageNet weights exist
+                 offline)
+  3. pretrain    SimCLR and MICLe from that encoder, same steps, same seed
+  4. sweep       fine-tune scratch / SimCLR / MICLe at each label fraction (and seed),
+                 evaluate case-level on the test split with bootstrap CIs
+  5. compare     paired bootstrap differences of test AUC between inits on the same cases, and
+                 same-lesion kNN retrieval on held-out lesions (label-free)
+  6. export      the best model by *validation* AUC, as a SavedModel, checked in a fresh process
+  7. report.md   tables, plots and plain statements of what the CIs support
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import logging
+
+from data_pipelines.writer import INFO_FILE, load_or_create_salt, read_info, write_dataset
+from micle_tf import config as config_lib
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    backbone: str = "resnet18"
+    width_multiplier: float = 0.25
+    image_size: int = 32
+    pretrain_batch_size: int = 64
+    pretrain_steps: int = 150
+    pretrain_learning_rate: float = 1.0
+    temperature: float = 0.2
+    finetune_batch_size: int = 32
+    finetune_epochs: int = 15
+    finetune_learning_rate: float = 0.1
+    fractions: tuple = (0.25, 1.0)
+    seeds: tuple = (0,)
+    n_boot: int = 1000
+    seed: int = 0
+    init_checkpoint: str = None  # e.g. imagenet_simclr:/path/to/r50_1x_sk0 (stage 1 weights)
+
+
+QUICK = DemoSettings(width_multiplier=0.125, pretrain_batch_size=32, pretrain_steps=8,
+                     finetune_epochs=1, finetune_batch_size=32, n_boot=200)
+
+
+def _stage(name):
+    logging.info("micle-demo: === %s ===", name)
+    return time.time()
+
+
+def _model_cfg(s):
+    wm = s.width_multiplier
+    return config_lib.ModelConfig(backbone=s.backbone,
+                                  width_multiplier=int(wm) if float(wm).is_integer() else wm,
+                                  image_size=s.image_size)
+
+
+def build_records(workdir, seed=0):
+    out = os.path.join(workdir, "records")
+    if os.path.exists(os.path.join(out, INFO_FILE)):
+        logging.info("micle-demo: records exist in %s (reused)", out)
+        return out
+    from data_pipelines.sources import ph2
+    salt = load_or_create_salt(os.path.join(workdir, "records.salt"))
+    write_dataset(ph2.build(), out, salt, seed=seed, overwrite=True)
+    return out
+
+
+def build_start_encoder(workdir, s):
+    """A pretraining-layout checkpoint both methods start from (stage 1 of the recipe)."""
+    import keras
+    import tensorflow as tf
+
+    from micle_tf.training.checkpoints import load_encoder_weights
+    from micle_tf.training.pretrain import build_pretraining_model
+    out = os.path.join(workdir, "start_encoder")
+    if tf.train.latest_checkpoint(os.path.join(out, "checkpoints")):
+        return out
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(s.seed + 1000)
+    cfg = config_lib.PretrainConfig(model=_model_cfg(s))
+    model = build_pretraining_model(cfg)
+    if s.init_checkpoint:
+        load_encoder_weights(model.encoder, s.init_checkpoint, model.projection_head)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                         os.path.join(out, "checkpoints"), max_to_keep=1)
+    manager.save(checkpoint_number=0)
+    with open(os.path.join(out, "start_encoder.json"), "w") as f:
+        json.dump({"source": s.init_checkpoint or f"random initialisation, seed {s.seed + 1000}",
+                   "model": dataclasses.asdict(cfg.model)}, f, indent=2)
+    return out
+
+
+def pretrain(workdir, records, start, method, s):
+    import keras
+
+    from micle_tf.training.pretrain import SUMMARY_FILE, run_pretraining
+    model_dir = os.path.join(workdir, f"pretrain_{method}")
+    summary_path = os.path.join(model_dir, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("final_step") == s.pretrain_steps:
+            logging.info("micle-demo: %s pretraining finished earlier (reused)", method)
+            return model_dir, summary
+    keras.utils.clear_session()
+    cfg = config_lib.PretrainConfig(
+        method=method, data_dir=records, model_dir=model_dir, model=_model_cfg(s),
+        batch_size=s.pretrain_batch_size, train_steps=s.pretrain_steps,
+        learning_rate=s.pretrain_learning_rate, warmup_epochs=1, temperature=s.temperature,
+        init_checkpoint=start, seed=s.seed, verbose=2, knn_monitor=True)
+    return model_dir, run_pretraining(cfg)
+
+
+def retrieval(records, encoder_dirs, s):
+    """Same-lesion top-1 retrieval among held-out (test) lesions' patches, per encoder."""
+    import keras
+
+    from data_pipelines import reader
+    from micle_tf.evaluation import knn
+    from micle_tf.training.callbacks import embed
+    from micle_tf.training.checkpoints import load_encoder_weights
+    from micle_tf.training.pretrain import build_pretraining_model
+    out = {}
+    for name, path in encoder_dirs.items():
+        keras.utils.clear_session()
+        model = build_pretraining_model(config_lib.PretrainConfig(model=_model_cfg(s)))
+        load_encoder_weights(model.encoder, path)
+        ds = reader.make_dataset(records, "test", "supervised", 200, s.image_size,
+                                 training=False)
+        emb, _, cases = embed(model.encoder, ds)
+        out[name] = knn.same_case_retrieval(emb, cases, k=1)
+    return out
+
+
+def paired_comparisons(records, sweep, s, pairs=(("micle", "none"), ("simclr", "none"),
+                                                 ("micle", "simclr"))):
+    """Paired bootstrap over test cases of AUC(A) - AUC(B) for runs at the same fraction/seed."""
+    import keras
+
+    from micle_tf.evaluation import metrics
+    from micle_tf.training import finetune as ft
+    info = read_info(records)
+    cache = {}
+    for row in sweep["rows"]:
+        keras.utils.clear_session()
+        model, cfg, _ = ft.load_classifier(row["model_dir"], "best")[:3]
+        case_ids, labels, p = ft.predict_split(model, records, "test", cfg.model.image_size)
+        ids, cp, cl = metrics.aggregate_by_case(case_ids, p, labels)
+        cache[(row["init"], row["label_fraction"], row["seed"])] = (ids, cp, cl)
+    out = []
+    for a, b in pairs:
+        for fraction in s.fractions:
+            for seed in s.seeds:
+                ka, kb = (a, float(fraction), seed), (b, float(fraction), seed)
+                if ka not in cache or kb not in cache:
+                    continue
+                ids_a, pa, la = cache[ka]
+                ids_b, pb, _ = cache[kb]
+                order = {c: i for i, c in enumerate(ids_b)}
+                pb = pb[[order[c] for c in ids_a]]
+                d = metrics.paired_bootstrap_difference(
+                    la, pa, pb, np.asarray(ids_a), info["task"], info["label_names"],
+                    metric="auc_macro", n_boot=s.n_boot, seed=s.seed)
+                out.append({"a": a, "b": b, "label_fraction": float(fraction), "seed": seed,
+                            **d})
+    return out
+
+
+def pick_best(sweep):
+    """The run to export: best *validation* AUC (test stays untouched by the choice)."""
+    best, best_auc = None, -1.0
+    for row in sweep["rows"]:
+        with open(os.path.join(row["model_dir"], "finetune_summary.json")) as f:
+            summary = json.load(f)
+        auc = ((summary.get("best") or {}).get("val_metrics") or {}).get("auc_macro")
+        if auc is not None and auc > best_auc:
+            best, best_auc = row, auc
+    return best or sweep["rows"][-1], best_auc
+
+
+def check_export_in_fresh_process(export_dir, records):
+    """Loads the SavedModel in a new Python process that imports only TensorFlow and classifies
+    one test patch's PNG bytes; returns what it printed (probabilities, label names)."""
+    import tensorflow as tf
+
+    from data_pipelines import schema
+    from data_pipelines.reader import list_shards
+    first = next(iter(tf.data.TFRecordDataset(list_shards(records, "test")).take(1)))
+    ex = tf.train.Example.FromString(first.numpy())
+    png = ex.features.feature[schema.IMAGE_ENCODED].bytes_list.value[0]
+    png_path = os.path.join(export_dir + "_check.png")
+    with open(png_path, "wb") as f:
+        f.write(png)
+    code = ("import json, sys, tensorflow as tf\n"
+            "m = tf.saved_model.load(sys.argv[1])\n"
+            "b = open(sys.argv[2], 'rb').read()\n"
+            "out = m.signatures['serving_default'](image_bytes=tf.constant([b]))\n"
+            "p = out['probabilities'].numpy()[0].tolist()\n"
+            "names = [n.decode() for n in out['label_names'].numpy().tolist()] "
+            "if 'label_names' in out else None\n"
+            "print(json.dumps({'probabilities': p, 'sum': sum(p), 'label_names': names}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, export_dir, png_path],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    os.remove(png_path)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exported model failed in a fresh process: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_demo(workdir, s):
+    """Runs (or resumes) every stage; returns the path of report.md."""
+    import keras
+
+    from micle_tf.evaluation.evaluate import run_sweep
+    from micle_tf.export.serving import export_saved_model
+    os.makedirs(workdir, exist_ok=True)
+    timings = {}
+    t = _stage("1/7 records")
+    records = build_records(workdir, s.seed)
+    timings["records"] = time.time() - t
+
+    t = _stage("2/7 starting encoder")
+    start = build_start_encoder(workdir, s)
+    timings["start_encoder"] = time.time() - t
+
+    pretrained = {}
+    for method in ("simclr", "micle"):
+        t = _stage(f"3/7 {method} pretraining ({s.pretrain_steps} steps)")
+        pretrained[method] = pretrain(workdir, records, start, method, s)
+        timings[f"pretrain_{method}"] = time.time() - t
+
+    t = _stage("4/7 fine-tuning sweep")
+    base = config_lib.FinetuneConfig(
+        model=_model_cfg(s), batch_size=s.finetune_batch_size, train_epochs=s.finetune_epochs,
+        learning_rate=s.finetune_learning_rate, warmup_epochs=0, weight_decay=0.0,
+        optimizer="lars", verbose=0)
+    inits = {"none": "none", "simclr": pretrained["simclr"][0],
+             "micle": pretrained["micle"][0]}
+    sweep = run_sweep(records, inits, s.fractions, s.seeds, base, os.path.join(workdir, "sweep"),
+                      split="test", level="case", n_boot=s.n_boot, eval_seed=s.seed)
+    timings["sweep"] = time.time() - t
+
+    t = _stage("5/7 comparisons")
+    comparisons = paired_comparisons(records, sweep, s)
+    retrieval_scores = retrieval(records, {"start": start, "simclr": pretrained["simclr"][0],
+                                           "micle": pretrained["micle"][0]}, s)
+    timings["compare"] = time.time() - t
+
+    t = _stage("6/7 export")
+    best, best_val_auc = pick_best(sweep)
+    export_dir = os.path.join(workdir, "export")
+    keras.utils.clear_session()
+    exported = export_saved_model(best["model_dir"], export_dir, which="best", overwrite=True)
+    check = check_export_in_fresh_process(export_dir, records)
+    timings["export"] = time.time() - t
+
+    t = _stage("7/7 report")
+    from micle_tf.demo_report import write_demo_report
+    path = write_demo_report(workdir, s, records, pretrained, sweep, comparisons,
+                             retrieval_scores, best, best_val_auc, exported, check, timings)
+    timings["report"] = time.time() - t
+    logging.info("micle-demo: report at %s (%.0f s in all)", path, sum(timings.values()))
+    return path

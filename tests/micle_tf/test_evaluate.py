@@ -1,0 +1,178 @@
+"""Evaluation of fine-tuned model_dirs: metrics files (DESIGN.md keys), reports and plots, the
+leakage and label-name refusals, distribution-shift gaps, the label-efficiency sweep (and its
+reuse of finished runs) and the micle-evaluate CLI. Uses the cached tiny runs of
+test_finetune.py."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from micle_tf.evaluation import evaluate as ev
+from tests.micle_tf.test_finetune import (SWEEP_FRACTION, base_finetune_config, shared_finetune,
+                                          shared_pretrain, sweep_dir)
+
+N_BOOT = 200
+
+
+@pytest.fixture(scope="module")
+def micle_run(tmp_path_factory, ph2_records):
+    return shared_finetune(tmp_path_factory, ph2_records, "micle")
+
+
+def _records_copy(src, dst, replace=None, info_update=None):
+    """A copy of a records dir made of symlinks; `replace` maps shard names to the source shard
+    they should point at; `info_update` edits dataset_info.json."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name == "dataset_info.json":
+            continue
+        target = (replace or {}).get(name, name)
+        os.symlink(os.path.join(src, target), os.path.join(dst, name))
+    with open(os.path.join(src, "dataset_info.json")) as f:
+        info = json.load(f)
+    info.update(info_update or {})
+    with open(os.path.join(dst, "dataset_info.json"), "w") as f:
+        json.dump(info, f)
+    return str(dst)
+
+
+def _check_metrics(m):
+    for key in ev.DESIGN_KEYS:
+        assert key in m, key
+    assert m["task"] == "multiclass" and m["level"] == "case"
+    assert m["num_cases"] == 30 and m["num_images"] == 600
+    assert 0.0 <= m["top1"] <= m["top3"] <= 1.0
+    assert 0.0 <= m["auc_macro"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in m["auc_per_class"].values())
+    for key in ("top1", "top3", "auc_macro"):
+        lo, hi = m["ci95"][key]
+        assert lo <= m[key] <= hi, (key, lo, m[key], hi)
+
+
+def test_evaluate_model_dir_writes_metrics_report_and_plots(micle_run, ph2_records,
+                                                            tmp_path_factory):
+    m = ev.evaluate_model_dir(micle_run, ph2_records, "test", n_boot=N_BOOT)
+    _check_metrics(m)
+    assert m["label_fraction"] == SWEEP_FRACTION
+    assert m["init_from"] == shared_pretrain(tmp_path_factory, ph2_records)
+    with open(os.path.join(micle_run, "metrics_test.json")) as f:
+        assert json.load(f) == m
+    for name in ("report_test.md", "roc_test.png", "confusion_test.png"):
+        assert os.path.getsize(os.path.join(micle_run, name)) > 0, name
+    with open(os.path.join(micle_run, "report_test.md")) as f:
+        report = f.read()
+    assert "Macro AUC" in report and "roc_test.png" in report
+
+
+def test_leakage_is_refused(micle_run, ph2_records, tmp_path):
+    # a "test" split that is really a training shard
+    tampered = _records_copy(ph2_records, tmp_path / "tampered",
+                             replace={"test-00000-of-00001.tfrecord":
+                                      "train-00000-of-00002.tfrecord"})
+    with pytest.raises(ValueError, match="leakage"):
+        ev.evaluate_model_dir(micle_run, tampered, "test", n_boot=0, out_dir=str(tmp_path))
+    # the model's own training cases
+    with pytest.raises(ValueError, match="leakage.*fine-tuning cases"):
+        ev.evaluate_model_dir(micle_run, ph2_records, "train", n_boot=0,
+                              out_dir=str(tmp_path))
+    assert not os.path.exists(tmp_path / "metrics_test.json")
+    assert not os.path.exists(tmp_path / "metrics_train.json")
+
+
+def test_label_name_mismatch_is_refused(micle_run, ph2_records, tmp_path):
+    with open(os.path.join(ph2_records, "dataset_info.json")) as f:
+        names = json.load(f)["label_names"]
+    relabelled = _records_copy(ph2_records, tmp_path / "relabelled",
+                               info_update={"label_names": names[::-1]})
+    with pytest.raises(ValueError, match="label names"):
+        ev.evaluate_model_dir(micle_run, relabelled, "test", n_boot=0, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="label names"):
+        ev.evaluate_shift(micle_run, ph2_records, relabelled, "test", n_boot=0,
+                          out_dir=str(tmp_path))
+
+
+def test_shift_evaluation(micle_run, ph2_records, tmp_path):
+    same = ev.evaluate_shift(micle_run, ph2_records, ph2_records, "test", n_boot=100,
+                             out_dir=str(tmp_path / "same"))
+    assert abs(same["gap"]["top1"]) < 1e-12 and abs(same["gap"]["auc_macro"]) < 1e-12
+    lo, hi = same["gap_ci95"]["auc_macro"]
+    assert lo <= 0.0 <= hi
+    assert "different case sets" in same["ci_note"]
+    with open(tmp_path / "same" / "shift_test.json") as f:
+        assert json.load(f)["gap"] == same["gap"]
+    for name in ("metrics_test.json", "metrics_shifted_test.json", "report_shifted_test.md",
+                 "roc_shifted_test.png"):
+        assert (tmp_path / "same" / name).exists(), name
+
+    other = ev.evaluate_shift(micle_run, ph2_records, ph2_records, "test", shift_split="val",
+                              n_boot=100, out_dir=str(tmp_path / "other"))
+    shifted = other["shifted"]["metrics"]
+    assert shifted["split"] == "val" and shifted["num_cases"] == 30
+    for key in ("top1", "auc_macro"):
+        expected = other["in_distribution"]["metrics"][key] - shifted[key]
+        assert other["gap"][key] == pytest.approx(expected)
+        lo, hi = other["gap_ci95"][key]
+        assert lo <= hi
+
+
+def test_label_efficiency_sweep_and_reuse(tmp_path_factory, ph2_records):
+    pre = shared_pretrain(tmp_path_factory, ph2_records)
+    # the two runs at fraction 0.25 exist already (shared fixtures); 0.1 is trained here
+    shared = [shared_finetune(tmp_path_factory, ph2_records, n) for n in ("micle", "none")]
+    out = str(sweep_dir(tmp_path_factory))
+    inits = {"micle": pre, "none": "none"}
+    args = (ph2_records, inits, [0.1, SWEEP_FRACTION], [0], base_finetune_config(ph2_records),
+            out)
+    sweep = ev.run_sweep(*args, n_boot=N_BOOT)
+    assert sweep["counts"]["trained"] == 2 and sweep["counts"]["reused"] == 2
+    rows = {(r["init"], r["label_fraction"]): r for r in sweep["rows"]}
+    assert len(rows) == 4
+    for init in inits:
+        assert rows[(init, 0.1)]["num_labelled_cases"] < rows[(init, 0.25)]["num_labelled_cases"]
+        for f in (0.1, 0.25):
+            r = rows[(init, f)]
+            assert 0.0 <= r["auc_macro"] <= 1.0 and r["num_cases"] == 30
+            assert os.path.exists(os.path.join(r["model_dir"], "metrics_test.json"))
+    assert {rows[("micle", 0.25)]["model_dir"], rows[("none", 0.25)]["model_dir"]} == \
+        {os.path.abspath(d) for d in shared}
+    for name in ("sweep.json", "sweep.md", "label_efficiency.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "sweep.md")) as f:
+        md = f.read()
+    assert "auc_macro" in md and "| micle | none |" in md
+
+    stamps = {r["model_dir"]: os.path.getmtime(os.path.join(r["model_dir"],
+                                                            "finetune_summary.json"))
+              for r in sweep["rows"]}
+    again = ev.run_sweep(*args, n_boot=N_BOOT)
+    assert again["counts"] == {"trained": 0, "reused": 4, "evaluated": 0}
+    assert [r["auc_macro"] for r in again["rows"]] == [r["auc_macro"] for r in sweep["rows"]]
+    for d, t in stamps.items():
+        assert os.path.getmtime(os.path.join(d, "finetune_summary.json")) == t
+
+    changed = base_finetune_config(ph2_records)
+    changed.learning_rate = 0.5
+    with pytest.raises(ValueError, match="other settings"):
+        ev.run_sweep(ph2_records, inits, [0.1], [0], changed, out, n_boot=N_BOOT)
+
+
+@pytest.mark.slow
+def test_evaluate_cli(micle_run, ph2_records, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "micle_tf.cli.evaluate", f"--data_dir={ph2_records}",
+           f"--model_dir={micle_run}", "--split=test", "--n_boot=50", f"--out_dir={out}",
+           f"--shift_data_dir={ph2_records}", "--shift_split=val"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed["num_cases"] == 30 and 0.0 <= printed["auc_macro"] <= 1.0
+    assert set(printed["gap"]) == {"top1", "auc_macro"}
+    with open(out / "metrics_test.json") as f:
+        m = json.load(f)
+    assert m["n_boot"] == 50 and np.isclose(m["auc_macro"], printed["auc_macro"])
+    for name in ("report_test.md", "shift_test.json", "metrics_shifted_test.json"):
+        assert (out / name).exists(), name
