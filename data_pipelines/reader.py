@@ -48,6 +48,48 @@ def list_shards(data_dir, split):
     return [found[i][1] for i in range(count)]
 
 
+class ShardError(IOError):
+    """A shard that cannot be read to its end (truncated or corrupt), or a record in it that
+    does not parse; `path` names the file."""
+
+    def __init__(self, path, message):
+        super().__init__(message)
+        self.path = path
+
+
+def _tf_message(error):
+    """A TF op error's message without the function-node prefix and op suffix."""
+    msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", msg, flags=re.S).strip()
+
+
+def verify_shards(data_dir, split, info=None, parse=True):
+    """Reads every record of every shard of a split, one file at a time, and raises ShardError
+    naming the first file that is truncated or corrupt (and, with `parse`, a record that does
+    not parse: bad label, empty bag; the message then also names the case id). Returns
+    {shard path: number of records}. TensorFlow's own DataLossError names only a byte offset,
+    not the file; training calls this to name the file when reading fails (it reads the whole
+    split, so it runs on demand, not before every run)."""
+    info = info or read_info(data_dir)
+    task, num_classes = info["task"], len(info["label_names"])
+    counts = {}
+    for path in list_shards(data_dir, split):
+        ds = tf.data.TFRecordDataset(path)
+        if parse:
+            ds = ds.map(lambda r: schema.parse_case(r, task, num_classes))
+        n = 0
+        try:
+            for _ in ds:
+                n += 1
+        except tf.errors.DataLossError as e:
+            raise ShardError(path, f"{path}: truncated or corrupt TFRecord shard (read {n} good "
+                                   f"records; {_tf_message(e)})") from None
+        except tf.errors.InvalidArgumentError as e:
+            raise ShardError(path, f"{path}: record {n} is invalid: {_tf_message(e)}") from None
+        counts[path] = n
+    return counts
+
+
 def _case_filter(case_ids):
     keys = tf.constant(sorted(set(case_ids)), tf.string)
     table = tf.lookup.StaticHashTable(

@@ -20,6 +20,13 @@ Features (one example per case, keyed by its hashed id):
 | `label`   | multiclass: ClassLabel(names)         | -1 = unlabelled                              |
 |           | multilabel: Tensor int32 [C]          | codes 1/0/-1 (uncertain)/-2 (missing)        |
 
+TFDS decodes a `Sequence(Image)` by stacking, so a bag whose images differ in size (a PA and a
+lateral radiograph, say) cannot be decoded by a plain `as_dataset`; read such data sets with
+`as_dataset(..., decoders={"images": tfds.decode.SkipDecoding()})` and decode each image
+(`data_pipelines.decode.decode_image`): the stored bytes are the records' PNG/JPEG bytes, and
+`micle-pretrain --tfds_name` always reads bags that way. Bags of equal-size images (PH²,
+MedMNIST, resized sets) decode directly to uint8 `[N, H, W, 3]`.
+
 Splits are the record splits (`dataset_info.json`). The builder config is named after the
 record set's `source` (data lands in `{data_dir}/case_bags/{source}/1.0.0`), so several record
 sets can share one TFDS data_dir. Nothing is downloaded: `download_dir` points to a temporary

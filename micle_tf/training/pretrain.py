@@ -1,6 +1,8 @@
 """Stage 1/2 of the recipe: SimCLR or MICLe pretraining from a PretrainConfig.
 
-`run_pretraining(cfg)` builds the strategy, model, optimizer and per-replica datasets, resumes
+`run_pretraining(cfg)` builds the strategy, model, optimizer and per-replica datasets (from
+case-bag records in `cfg.data_dir`, or from a prepared TFDS image dataset `cfg.tfds_name` in
+`cfg.tfds_data_dir`, see `data_pipelines.tfds_source`), resumes
 from the newest checkpoint in `cfg.model_dir` (or starts the encoder from `cfg.init_checkpoint`),
 trains with `model.fit`, and writes `pretrain_summary.json`. A Keras "epoch" is one pass over
 the training cases (`steps_per_epoch` batches); checkpoints are taken at epoch ends and the data
@@ -106,10 +108,17 @@ def run_pretraining(cfg):
     chief = is_chief(strategy)
     os.makedirs(cfg.model_dir, exist_ok=True)
 
-    info = read_info(cfg.data_dir)
+    tfds_builder = None
+    if cfg.tfds_name:  # stage 1 on a prepared TFDS image dataset: each image is its own case
+        from data_pipelines import tfds_source
+        tfds_builder = tfds_source.load_builder(cfg.tfds_name, cfg.tfds_data_dir)
+        info = tfds_source.describe(tfds_builder)
+    else:
+        info = read_info(cfg.data_dir)
     split = info["splits"].get(cfg.train_split)
     if not split:
-        raise ValueError(f"{cfg.data_dir} has no {cfg.train_split!r} split")
+        raise ValueError(f"{cfg.tfds_name or cfg.data_dir} has no {cfg.train_split!r} split "
+                         f"(splits: {sorted(info['splits'])})")
     labelled = bool(info["label_names"])
     spe, total, warmup = plan_schedule(cfg, split["cases"])
     peak_lr = scale_learning_rate(cfg.learning_rate, cfg.batch_size, cfg.learning_rate_scaling)
@@ -139,10 +148,15 @@ def run_pretraining(cfg):
     aug = augment.build_augment(cfg.augment, cfg.model.image_size)
 
     def train_data(first_epoch):
+        kwargs = dict(augment_fn=aug, seed=cfg.seed, steps_per_epoch=spe,
+                      start_epoch=first_epoch)
+        if tfds_builder is not None:
+            return tfds_source.distributed_tfds_dataset(
+                strategy, cfg.tfds_name, cfg.tfds_data_dir, cfg.train_split, cfg.method,
+                cfg.batch_size, cfg.model.image_size, builder=tfds_builder, **kwargs)
         return reader.distributed_dataset(
             strategy, cfg.data_dir, cfg.train_split, cfg.method, cfg.batch_size,
-            cfg.model.image_size, augment_fn=aug, seed=cfg.seed, steps_per_epoch=spe,
-            start_epoch=first_epoch, info=info)
+            cfg.model.image_size, info=info, **kwargs)
 
     guard = cb.NonFiniteGuard()
     timer = StepTimer()
@@ -152,6 +166,10 @@ def run_pretraining(cfg):
         eval_bs = min(256, max(cfg.batch_size, 32))
 
         def eval_ds(split_name):
+            if tfds_builder is not None:
+                return lambda: tfds_source.make_tfds_dataset(
+                    cfg.tfds_name, cfg.tfds_data_dir, split_name, "supervised", eval_bs,
+                    cfg.model.image_size, training=False, builder=tfds_builder)
             return lambda: reader.make_dataset(cfg.data_dir, split_name, "supervised", eval_bs,
                                                cfg.model.image_size, training=False, info=info)
         knn = cb.KnnMonitor(eval_ds(cfg.train_split) if labelled else None,
@@ -166,9 +184,14 @@ def run_pretraining(cfg):
     for first_epoch, num_epochs, steps in _segments(start, spe, total):
         if guard.triggered:
             break
-        h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
-                      epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                      callbacks=callbacks, verbose=cfg.verbose if chief else 0)
+        try:
+            h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
+                          epochs=first_epoch + num_epochs, steps_per_epoch=steps,
+                          callbacks=callbacks, verbose=cfg.verbose if chief else 0)
+        except tf.errors.DataLossError as e:
+            # TF names a byte offset, not the file: find the shard and name it.
+            reader.verify_shards(cfg.data_dir, cfg.train_split, info=info, parse=False)
+            raise e
         for k, v in h.history.items():
             history.setdefault(k, []).extend(float(x) for x in v)
     elapsed = time.time() - t0

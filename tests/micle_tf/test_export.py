@@ -153,9 +153,12 @@ def _evaluation_preprocess(data):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, request):
     root = str(tmp_path_factory.mktemp("export"))
     procs = []
+    run_cli = any(item.name == "test_cli_overwrites_and_falls_back_to_latest"
+                  for item in request.session.items)  # not with -m "not slow"
+    cli = None
     try:
         # model_dir 2 (latest only, with optimizer) goes to the CLI, which starts first
         cfg2, model2 = _model(seed=2)
@@ -165,10 +168,11 @@ def env(tmp_path_factory):
         os.makedirs(cli_export)
         with open(os.path.join(cli_export, "stale.txt"), "w") as f:
             f.write("old export")
-        cli = _Proc([sys.executable, "-m", "micle_tf.cli.export", f"--model_dir={cli_model_dir}",
-                     f"--export_dir={cli_export}", "--checkpoint=best", "--overwrite"],
-                    cwd=REPO)
-        procs.append(cli)
+        if run_cli:
+            cli = _Proc([sys.executable, "-m", "micle_tf.cli.export",
+                         f"--model_dir={cli_model_dir}", f"--export_dir={cli_export}",
+                         "--checkpoint=best", "--overwrite"], cwd=REPO)
+            procs.append(cli)
 
         cfg, model = _model(seed=1)
         model_dir = os.path.join(root, "model_dir")
@@ -353,3 +357,21 @@ def test_cli_overwrites_and_falls_back_to_latest(env):
     assert not [n for n in os.listdir(env.root) if n.startswith("cli_export.")]
     with open(os.path.join(env.cli_export, "assets.extra", "micle_export.json")) as f:
         assert json.load(f)["checkpoint"] == {"which": "latest", "step": 5}
+
+
+def test_multilabel_module_in_process():
+    """build_serving_module without saving: sigmoid per label, label names checked."""
+    keras.utils.set_random_seed(3)
+    cfg = config_lib.ModelConfig(backbone="resnet18", width_multiplier=0.125, image_size=SIZE)
+    model = ClassifierModel(build_encoder(cfg), num_classes=2, task="multilabel",
+                            name="classifier").build_for(SIZE)
+    with pytest.raises(ValueError, match="3 label names for a model with 2 classes"):
+        serving.build_serving_module(model, LABELS, SIZE, "multilabel")
+    module = serving.build_serving_module(model, ["effusion", "edema"], SIZE, "multilabel")
+    images = np.random.default_rng(1).uniform(0, 1, (2, SIZE, SIZE, 3)).astype("float32")
+    got = module.serve_pixels(tf.constant(images))
+    logits = model(tf.constant(images), training=False)["logits"]
+    np.testing.assert_allclose(got["probabilities"].numpy(), tf.sigmoid(logits).numpy(),
+                               atol=1e-5)
+    assert [s.decode() for s in module.get_label_names()["label_names"].numpy()] == [
+        "effusion", "edema"]
