@@ -1,5 +1,6 @@
 """data_pipelines.tfds_builder: case-bag records as an offline TFDS dataset."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,13 @@ def small_ph2(tmp_path_factory):
     return out, info
 
 
+@pytest.fixture(scope="module")
+def prepared(small_ph2, tmp_path_factory):
+    records, info = small_ph2
+    data_dir = str(tmp_path_factory.mktemp("ph2_tfds"))
+    return records, info, prepare_case_bags(records, data_dir), data_dir
+
+
 def _multilabel_source():
     """Four cases: multi-image with view tags, greyscale + JPEG images, and one without labels."""
     grey = np.full((6, 5), 77, np.uint8)
@@ -45,9 +53,8 @@ def _multilabel_source():
                              items_read=sum(len(c.images) for c in cases))
 
 
-def test_prepare_reads_every_case_image_and_label(small_ph2, tmp_path):
-    records, info = small_ph2
-    builder = prepare_case_bags(records, str(tmp_path / "tfds"))
+def test_prepare_reads_every_case_image_and_label(prepared):
+    records, info, builder, _ = prepared
     assert builder.data_dir.endswith("case_bags/ph2/1.0.0")
     assert set(builder.info.splits) == {s for s, v in info["splits"].items() if v["cases"]}
     assert builder.info.features["label"].names == ph2.LABEL_NAMES
@@ -74,10 +81,12 @@ def test_prepare_reads_every_case_image_and_label(small_ph2, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_builder_from_directory_reloads_without_this_module(small_ph2, tmp_path):
-    records, info = small_ph2
-    data_dir = str(tmp_path / "tfds")
-    builder = prepare_case_bags(records, data_dir)
+def test_builder_from_directory_reloads_without_this_module(prepared):
+    records, info, builder, data_dir = prepared
+    # preparing again reuses the data (nothing regenerated)
+    mtime = os.path.getmtime(os.path.join(builder.data_dir, "dataset_info.json"))
+    assert prepare_case_bags(records, data_dir).data_dir == builder.data_dir
+    assert os.path.getmtime(os.path.join(builder.data_dir, "dataset_info.json")) == mtime
     reloaded = tfds.builder_from_directory(builder.data_dir)
     assert type(reloaded).__name__ == "ReadOnlyBuilder"
     assert reloaded.info.metadata["label_names"] == ph2.LABEL_NAMES

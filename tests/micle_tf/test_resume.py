@@ -161,8 +161,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tiny_records, tmp_path, 
     def poisoned(self, data, training=True):
         total, values = original(self, data, training)
         if training:
-            bad = tf.cast(self.optimizer.iterations >= 3, tf.float32)
-            total = total + bad * tf.constant(float("nan"))
+            total = tf.where(self.optimizer.iterations >= 3, tf.constant(float("nan")), total)
         return total, values
 
     monkeypatch.setattr(ContrastiveModel, "compute_losses", poisoned)

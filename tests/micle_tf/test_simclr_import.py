@@ -1,8 +1,9 @@
 """google-research/simclr TF2 checkpoint import (micle_tf.models.simclr_import).
 
-The ground truth of the upstream layout is /work/shared/simclr_tf2_checkpoint_keys (what
-`tf.train.list_variables` prints for checkpoints that code writes), copied into this test
-module's reference files if present; our writer must produce exactly those keys and shapes.
+The ground truth of the upstream layout is the pair of key lists `r50_1x_sk0.txt` and
+`r50_2x_sk0.0625.txt` (what `tf.train.list_variables` prints for checkpoints that code writes),
+looked up in $SIMCLR_KEYS_DIR, then tests/micle_tf/data/simclr_tf2_checkpoint_keys/, then
+/work/shared/simclr_tf2_checkpoint_keys/; our writer must produce exactly those keys and shapes.
 """
 import os
 
@@ -16,15 +17,18 @@ from micle_tf.models.heads import ProjectionHead
 from micle_tf.models.resnet import ResNet
 from micle_tf.training.checkpoints import load_encoder_weights
 
-KEYS_DIR = os.environ.get("SIMCLR_KEYS_DIR", "/work/shared/simclr_tf2_checkpoint_keys")
+_KEY_DIRS = [os.environ.get("SIMCLR_KEYS_DIR", ""),
+             os.path.join(os.path.dirname(__file__), "data", "simclr_tf2_checkpoint_keys"),
+             "/work/shared/simclr_tf2_checkpoint_keys"]
 SUFFIX = simclr_import.VALUE_SUFFIX
 
 
 def _reference(name):
     """{key: shape} of an upstream key list, without global_step / supervised head / optimizer."""
-    path = os.path.join(KEYS_DIR, name)
-    if not os.path.exists(path):
-        pytest.skip(f"upstream key list {path} not available")
+    paths = [os.path.join(d, name) for d in _KEY_DIRS if d]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        pytest.skip(f"upstream key list {name} not found in {paths}")
     out = {}
     with open(path) as f:
         for line in f:

@@ -139,3 +139,15 @@ def test_run_pretraining_on_tfds_dataset(tiny_tfds, tmp_path):
     assert summary["dataset"]["label_names"] == list(CLASSES)
     assert summary["knn_monitor"] and "knn_accuracy" in summary["knn_monitor"][-1]
     assert summary["checkpoint"].endswith("ckpt-3")
+
+
+def test_input_pipelines_read_disjoint_examples(tiny_tfds):
+    """Two input pipelines (one file: TFDS cannot shard files) split the examples."""
+    seen = []
+    for pipeline in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
+                                         num_replicas_in_sync=2)
+        ds = tfds_source.make_tfds_dataset(NAME, tiny_tfds, "train", "simclr", 4, 8, seed=0,
+                                           steps_per_epoch=3, input_context=ctx)
+        seen.append({c for b in _batches(ds, 3) for c in b["case_id"]})
+    assert len(seen[0]) == len(seen[1]) == 12 and not seen[0] & seen[1]
