@@ -46,7 +46,8 @@ flags.DEFINE_integer("min_batches", 3, "Minimum batches per timed window.")
 flags.DEFINE_integer("repeats", 5, "Timed windows per configuration (the median is reported).")
 flags.DEFINE_float("warmup_s", 2.0, "Seconds of warm-up (shuffle-buffer fill, autotune) "
                    "before timing; at least 2 batches.")
-flags.DEFINE_bool("quick", False, "Short run: ph2@32, synth64@64, synth256@224, 3 windows.")
+flags.DEFINE_bool("quick", False, "Short run: ph2@32, synth64@64, synth256@224; stages raw, "
+                  "decode, simclr, micle; 3 windows of 2 s.")
 flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
 flags.DEFINE_string("data_root", common.DEFAULT_DATA_ROOT, "Where records are written/reused.")
 
@@ -116,10 +117,12 @@ def _time_records(ds, window_s, repeats, warmup_s):
         def body(acc, x):
             r = x["encoded"] if isinstance(x, dict) else x
             return acc + tf.cast(tf.reduce_sum(tf.strings.length(r)), tf.int64)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         nbytes = int(ds.take(n).reduce(tf.constant(0, tf.int64), body))
+        cpu_s.append(time.process_time() - c)
         return time.perf_counter() - t, nbytes
 
+    cpu_s = []
     n = 64
     dt, _ = consume(n)
     while dt < 0.2:  # size the chunk to ~window_s
@@ -127,12 +130,14 @@ def _time_records(ds, window_s, repeats, warmup_s):
         dt, _ = consume(n)
     n = max(16, int(n * window_s / dt))
     consume(max(16, int(n * warmup_s / window_s)))
-    rates, mbps = [], []
+    rates, mbps, cpu_ms = [], [], []
     for _ in range(repeats):
         dt, nbytes = consume(n)
         rates.append(n / dt)
         mbps.append(nbytes / dt / 1e6)
-    return rates, {"records_per_window": n, "mb_per_s": common.summarize(mbps)["median"]}
+        cpu_ms.append(cpu_s[-1] * 1000 / n)
+    return rates, {"records_per_window": n, "mb_per_s": common.summarize(mbps)["median"],
+                   "cpu_ms_per_example": common.summarize(cpu_ms)["median"]}
 
 
 def _time_batches(ds, batch_size, window_s, repeats, warmup_s, min_batches):
@@ -148,16 +153,18 @@ def _time_batches(ds, batch_size, window_s, repeats, warmup_s, min_batches):
         warm += 1
     per_batch = (time.perf_counter() - t1) / max(warm - 1, 1)
     n = max(min_batches, int(round(window_s / max(per_batch, 1e-6))))
-    rates = []
+    rates, cpu_ms = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             batch = next(it)
         # Make sure the last batch really exists (eager tensors are already materialised).
         _ = batch["view1" if "view1" in batch else "image"].shape
         rates.append(n * batch_size / (time.perf_counter() - t))
+        cpu_ms.append((time.process_time() - c) * 1000 / (n * batch_size))
     return rates, {"batches_per_window": n, "warmup_batches": warm,
-                   "first_batch_s": round(first_batch_s, 3)}
+                   "first_batch_s": round(first_batch_s, 3),
+                   "cpu_ms_per_example": common.summarize(cpu_ms)["median"]}
 
 
 def measure(data, image_size, stage, npc_value="autotune", batch_size=64, augment="derm",
@@ -262,6 +269,7 @@ def print_summary(records):
             ("min..max", lambda r: "{:.0f}..{:.0f}".format(r["figures"]["examples_per_s_min"],
                                                          r["figures"]["examples_per_s_max"]),
              None),
+            ("cpu ms/ex", lambda r: r["figures"].get("cpu_ms_per_example"), "{:.2f}"),
             ("load1", lambda r: r["figures"]["load_avg_after"][0]
              if r["figures"]["load_avg_after"] else None, None)]
     print(common.table(records, cols, title="\n# pipeline (medians)"))
@@ -286,11 +294,13 @@ def print_summary(records):
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    configs = FLAGS.configs
+    configs, stages = FLAGS.configs, FLAGS.stages
     repeats, window_s = FLAGS.repeats, FLAGS.window_s
     if FLAGS.quick:
         if not FLAGS["configs"].present:
             configs = ["ph2@32", "synth64@64", "synth256@224"]
+        if not FLAGS["stages"].present:
+            stages = ["raw", "decode", "simclr", "micle"]
         if not FLAGS["repeats"].present:
             repeats = 3
         if not FLAGS["window_s"].present:
@@ -299,9 +309,8 @@ def main(argv):
     for spec in configs:
         data, _, size = spec.partition("@")
         for npc in FLAGS.num_parallel_calls:
-            for stage in FLAGS.stages:
-                if stage in ("raw", "parse") and npc != FLAGS.num_parallel_calls[0] and \
-                        stage == "raw":
+            for stage in stages:
+                if stage == "raw" and npc != FLAGS.num_parallel_calls[0]:
                     continue  # raw read has no map: one measurement is enough
                 try:
                     rec = measure(data, int(size), stage, npc, FLAGS.batch_size, FLAGS.augment,

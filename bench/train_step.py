@@ -58,8 +58,8 @@ flags.DEFINE_list("pipeline_data", ["32:ph2", "64:synth64", "224:synth256"],
 flags.DEFINE_string("pipeline_npc", "autotune", "num_parallel_calls for the ratio pipeline.")
 flags.DEFINE_float("pipeline_window_s", 3.0, "Pipeline timed window (s).")
 flags.DEFINE_integer("pipeline_repeats", 3, "Pipeline timed windows.")
-flags.DEFINE_bool("quick", False, "Short CPU run (~5 min on 2 idle cores): resnet18@32 fp32 "
-                  "jit off/on + bf16, resnet50@64 fp32 (batch 16), pipeline ratio at 32/64.")
+flags.DEFINE_bool("quick", False, "Short CPU run: resnet18@32 batch 16 fp32 XLA off/on + bf16, "
+                  "resnet50@64 batch 4 fp32, 3 timed steps, pipeline ratio at 32/64.")
 flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
 flags.DEFINE_string("child", None, "(internal) JSON config to run in this process.")
 flags.DEFINE_string("data_root", common.DEFAULT_DATA_ROOT, "Where bench records live.")
@@ -77,6 +77,27 @@ def forward_flops(encoder, size, dtype):
     opts = option_builder.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
     return int(model_analyzer.profile(graph, options=opts).total_float_ops)
+
+
+def cached_forward_flops(model, cfg, dtype):
+    """forward_flops, remembered per (backbone, size) in <data_root>/flops.json."""
+    path = os.path.join(cfg.get("data_root", common.DEFAULT_DATA_ROOT), "flops.json")
+    key = f"{cfg['backbone']}@{cfg['image_size']}"
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = forward_flops(model.encoder, cfg["image_size"], dtype)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + f".tmp{os.getpid()}", "w") as f:
+                json.dump(cache, f)
+            os.replace(path + f".tmp{os.getpid()}", path)
+        except OSError:
+            pass
+    return cache[key]
 
 
 def run_child(cfg):
@@ -135,12 +156,13 @@ def run_child(cfg):
     warmup_s = time.perf_counter() - t0
     window = max(1, cfg["window"])
     windows = max(1, cfg["steps"] // window)
-    times, t_timed = [], time.perf_counter()
+    times, cpu, t_timed = [], [], time.perf_counter()
     loss = loss0
     for i in range(windows):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = run(window)
         times.append((time.perf_counter() - t0) / window)
+        cpu.append((time.process_time() - c0) / window)
         if i >= 2 and time.perf_counter() - t_timed > cfg["max_timed_s"]:
             break
     med = float(np.median(times))
@@ -148,13 +170,14 @@ def run_child(cfg):
         "ms_per_step": med * 1000, "ms_per_step_min": min(times) * 1000,
         "ms_per_step_max": max(times) * 1000, "timed_steps": len(times) * window,
         "images_per_s": batch / med, "encoder_images_per_s": 2 * batch / med,
+        "cpu_s_per_step": float(np.median(cpu)),
         "first_step_s": round(first_step_s, 2), "warmup_s": round(warmup_s, 2),
         "build_s": round(build_s, 2), "loss_first": loss0, "loss_last": loss,
         "finite": bool(np.isfinite(loss)),
     }
     if cfg["flops"]:
         try:
-            fwd = forward_flops(model.encoder, size, tf.float32)
+            fwd = cached_forward_flops(model, cfg, tf.float32)
             per_example = fwd * 3 * 2  # forward + backward (~2x forward), two views
             figures.update(forward_gflops_per_image=fwd / 1e9,
                            train_gflops_per_example=per_example / 1e9,
@@ -244,6 +267,7 @@ def summary_table(records, ratios):
                                                          r["figures"]["ms_per_step_max"]), None),
             ("img/s", lambda r: r["figures"]["images_per_s"], "{:.1f}"),
             ("TFLOP/s", lambda r: r["figures"].get("achieved_tflops"), "{:.3f}"),
+            ("cpu s/step", lambda r: r["figures"].get("cpu_s_per_step"), "{:.1f}"),
             ("1st step s", lambda r: r["figures"]["first_step_s"], "{:.1f}"),
             ("RSS MB", lambda r: r["figures"]["peak_rss_mb"], "{:.0f}"),
             ("load1", lambda r: (r["figures"].get("load_avg_after") or [None])[0], None)]
@@ -274,9 +298,15 @@ def main(argv):
     backbones, sizes, batches = FLAGS.backbones, [int(s) for s in FLAGS.sizes], FLAGS.batch_sizes
     precisions, jits = FLAGS.precisions, FLAGS.jit
     configs = None
+    steps, warmup, pipe_window, pipe_repeats = (FLAGS.steps, FLAGS.warmup,
+                                                FLAGS.pipeline_window_s, FLAGS.pipeline_repeats)
     if FLAGS.quick:
-        configs = [("resnet18", 32, 64, "fp32", False), ("resnet18", 32, 64, "fp32", True),
-                   ("resnet18", 32, 64, "bf16", False), ("resnet50", 64, 16, "fp32", False)]
+        # Small batches: on 2 CPU cores one resnet50@64 pair costs ~60 GFLOP (small-image stem).
+        configs = [("resnet18", 32, 16, "fp32", False), ("resnet18", 32, 16, "fp32", True),
+                   ("resnet18", 32, 16, "bf16", False), ("resnet50", 64, 4, "fp32", False)]
+        steps = steps if FLAGS["steps"].present else 3
+        warmup = warmup if FLAGS["warmup"].present else 1
+        pipe_window = pipe_window if FLAGS["pipeline_window_s"].present else 2.0
     if configs is None:
         if len(batches) == 1 and ":" not in batches[0]:
             bmap = {s: int(batches[0]) for s in sizes}
@@ -287,10 +317,10 @@ def main(argv):
     records = []
     for backbone, size, batch, precision, jit in configs:
         cfg = {"backbone": backbone, "image_size": size, "batch_size": batch,
-               "precision": precision, "jit": jit, "steps": FLAGS.steps,
-               "window": FLAGS.window, "warmup": FLAGS.warmup, "max_timed_s": FLAGS.max_timed_s,
+               "precision": precision, "jit": jit, "steps": steps,
+               "window": FLAGS.window, "warmup": warmup, "max_timed_s": FLAGS.max_timed_s,
                "probe_classes": FLAGS.probe_classes, "optimizer": FLAGS.optimizer,
-               "flops": FLAGS.flops}
+               "flops": FLAGS.flops, "data_root": FLAGS.data_root}
         records.append(run_config(cfg, FLAGS.timeout, FLAGS.jsonl))
     ratios = []
     if FLAGS.pipeline_ratio:
@@ -305,8 +335,8 @@ def main(argv):
                 if key not in pipe:
                     data = data_for.get(c["image_size"], "synth256")
                     pipe[key] = pipeline_rate(c["image_size"], mode, c["batch_size"], data,
-                                              FLAGS.pipeline_npc, FLAGS.pipeline_window_s,
-                                              FLAGS.pipeline_repeats, FLAGS.data_root)
+                                              FLAGS.pipeline_npc, pipe_window,
+                                              pipe_repeats, FLAGS.data_root)
                     common.emit(pipe[key], FLAGS.jsonl)
                 p = pipe[key]
                 if "error" in p:

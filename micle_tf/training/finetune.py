@@ -408,8 +408,11 @@ def run_finetuning(cfg):
     if validation.early_stopped:
         logging.info("this run stopped early at step %d before; not training further", start)
     else:
-        for first_epoch, num_epochs, steps in _segments(start, spe, total):
-            if guard.triggered or validation.early_stopped:
+        # (start < total: pretrain._segments yields a 0-step segment for a finished run whose
+        # total is not a multiple of steps_per_epoch, and fit(steps_per_epoch=0) never ends)
+        segments = _segments(start, spe, total) if start < total else []
+        for first_epoch, num_epochs, steps in segments:
+            if guard.triggered or validation.early_stopped or steps <= 0:
                 break
             h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
                           epochs=first_epoch + num_epochs, steps_per_epoch=steps,

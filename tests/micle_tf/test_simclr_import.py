@@ -17,18 +17,14 @@ from micle_tf.models.heads import ProjectionHead
 from micle_tf.models.resnet import ResNet
 from micle_tf.training.checkpoints import load_encoder_weights
 
-_KEY_DIRS = [os.environ.get("SIMCLR_KEYS_DIR", ""),
-             os.path.join(os.path.dirname(__file__), "data", "simclr_tf2_checkpoint_keys"),
-             "/work/shared/simclr_tf2_checkpoint_keys"]
+# Copies of ../shared/simclr_tf2_checkpoint_keys (the upstream layout's ground truth).
+KEY_DIR = os.path.join(os.path.dirname(__file__), "data", "simclr_tf2_checkpoint_keys")
 SUFFIX = simclr_import.VALUE_SUFFIX
 
 
 def _reference(name):
     """{key: shape} of an upstream key list, without global_step / supervised head / optimizer."""
-    paths = [os.path.join(d, name) for d in _KEY_DIRS if d]
-    path = next((p for p in paths if os.path.exists(p)), None)
-    if path is None:
-        pytest.skip(f"upstream key list {name} not found in {paths}")
+    path = os.path.join(KEY_DIR, name)
     out = {}
     with open(path) as f:
         for line in f:
