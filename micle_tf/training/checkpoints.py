@@ -72,8 +72,11 @@ def load_encoder_weights(encoder, path, projection_head=None):
     checkpoint instead."""
     if path.startswith("imagenet_simclr:"):
         from micle_tf.models import simclr_import
-        return simclr_import.load_simclr_encoder(encoder, path.split(":", 1)[1],
-                                                 projection_head=projection_head)
+        summary = simclr_import.load_simclr_encoder(encoder, path.split(":", 1)[1],
+                                                    projection_head=projection_head)
+        logging.info("encoder initialised from SimCLR checkpoint %s (%d variables)",
+                     summary["checkpoint"], summary["assigned"])
+        return summary["checkpoint"]
     prefix = resolve_checkpoint(path)
     parts = {"encoder": encoder}
     if projection_head is not None:
