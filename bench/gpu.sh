@@ -14,8 +14,9 @@
 #   BENCH_BATCH=128           pairs per step (256 images through the encoder)
 #   BENCH_STEPS=20 BENCH_WINDOW=5 BENCH_WARMUP=3   timed steps, steps per timed window, warm-up
 #   BENCH_SKIP_INSTALL=1      use the current python as is (must already see the GPU)
-#   BENCH_VENV=.venv-gpu      venv created for the GPU wheel when an install is needed
-#   BENCH_OUT=bench_gpu_<time>.jsonl   JSON lines of this run
+#   BENCH_VENV=~/.venv-micle-gpu   venv created for the GPU wheel when an install is needed
+#   BENCH_OUT=<file>          JSON lines of this run (default $OUT/bench_gpu_<time>.jsonl when
+#                             $OUT is a folder, else /tmp/bench_gpu_<time>.jsonl)
 #   BENCH_BACKBONE=resnet50 BENCH_SIZE=224   (smaller values only to smoke-test the script)
 #   BENCH_PEAK_TFLOPS_BF16 / _FP32 / _TF32   peaks for a GPU missing from the table
 set -u
@@ -28,8 +29,10 @@ WINDOW=${BENCH_WINDOW:-5}
 WARMUP=${BENCH_WARMUP:-3}
 BACKBONE=${BENCH_BACKBONE:-resnet50}
 SIZE=${BENCH_SIZE:-224}
-OUT=${BENCH_OUT:-bench_gpu_$(date +%Y%m%d_%H%M%S).jsonl}
-VENV=${BENCH_VENV:-.venv-gpu}
+# $OUT, when it is a folder (as on a lent device machine), receives the JSON lines.
+if [ -d "${OUT:-}" ]; then JSONL_DIR=$OUT; else JSONL_DIR=${TMPDIR:-/tmp}; fi
+JSONL=${BENCH_OUT:-$JSONL_DIR/bench_gpu_$(date +%Y%m%d_%H%M%S).jsonl}
+VENV=${BENCH_VENV:-$HOME/.venv-micle-gpu}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 export MICLE_BENCH_DATA=${MICLE_BENCH_DATA:-/tmp/micle_bench_data}
 
@@ -93,7 +96,7 @@ for cfg in "${CONFIGS[@]}"; do
   i=$((i + 1))
   if [ $per -lt 45 ]; then
     log "skipping $prec xla=$jit: only ${remaining}s left"
-    echo "{\"bench\": \"train_step\", \"config\": {\"backbone\": \"$BACKBONE\", \"image_size\": $SIZE, \"batch_size\": $BATCH, \"precision\": \"$prec\", \"jit\": $([ "$jit" = on ] && echo true || echo false)}, \"error\": \"skipped: out of time\"}" | tee -a "$OUT"
+    echo "{\"bench\": \"train_step\", \"config\": {\"backbone\": \"$BACKBONE\", \"image_size\": $SIZE, \"batch_size\": $BATCH, \"precision\": \"$prec\", \"jit\": $([ "$jit" = on ] && echo true || echo false)}, \"error\": \"skipped: out of time\"}" | tee -a "$JSONL"
     continue
   fi
   log "$BACKBONE@$SIZE batch $BATCH $prec xla=$jit (timeout ${per}s)"
@@ -101,9 +104,9 @@ for cfg in "${CONFIGS[@]}"; do
   timeout $(( per + 10 )) "$PY" -m bench.train_step --backbones="$BACKBONE" --sizes="$SIZE" \
     --batch_sizes="$BATCH" --precisions="$prec" --jit="$jit" --steps="$STEPS" \
     --window="$WINDOW" --warmup="$WARMUP" --max_timed_s=40 --timeout=$(( per - 5 )) \
-    --pipeline_ratio=false --flops=false --jsonl="$OUT" | grep -v '^#' | grep '^{' \
+    --pipeline_ratio=false --flops=false --jsonl="$JSONL" | grep -v '^#' | grep '^{' \
     || log "$prec xla=$jit: no result (see above)"
 done
 
-"$PY" -m bench.gpu_report --jsonl="$OUT" ${GPU_NAME:+--gpu_name="$GPU_NAME"}
-log "done in $(( $(date +%s) - START ))s"
+"$PY" -m bench.gpu_report --jsonl="$JSONL" ${GPU_NAME:+--gpu_name="$GPU_NAME"}
+log "done in $(( $(date +%s) - START ))s; JSON lines in $JSONL"

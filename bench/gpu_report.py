@@ -63,7 +63,9 @@ def main(argv=None):
     if not rows:
         print("# no train_step records in", args.jsonl)
         return 1
-    print("\n# ResNet-50 train step on GPU: pairs/s (encoder images/s = 2x), MFU")
+    c0 = rows[0].get("config", {})
+    print(f"\n# {c0.get('backbone')}@{c0.get('image_size')} train step: pairs/s (encoder "
+          "images/s = 2x), MFU")
     hdr = (f"{'prec':>5} {'xla':>4} {'batch':>5} {'ms/step':>8} {'pairs/s':>8} {'enc img/s':>9} "
            f"{'GFLOP/pair':>10} {'TFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFU@4.1':>7} "
            f"{'fp32 MFU vs TF32':>16} {'1st s':>6} {'GPU GB':>6}  status")

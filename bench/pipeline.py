@@ -31,25 +31,31 @@ from absl import app, flags
 from bench import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["ph2@32", "synth64@32", "synth64@64", "synth256@224"],
-                  "DATA@IMAGE_SIZE pairs. DATA: ph2 (32x32 PNG patches, 20 per lesion), "
-                  "synth64 / synth256 (random JPEG bags of 1-6 images stored at 64 / 256 px).")
-flags.DEFINE_list("stages", ["raw", "parse", "decode", "simclr_noaug", "micle_noaug", "simclr",
-                             "micle"], "Stages to measure (see the module docstring).")
-flags.DEFINE_list("num_parallel_calls", ["autotune"],
-                  "Values of make_dataset(num_parallel_calls=...): integers or 'autotune'.")
-flags.DEFINE_integer("batch_size", 64, "Batch size (examples per batch).")
-flags.DEFINE_string("augment", "derm", "build_augment preset for the simclr/micle stages.")
-flags.DEFINE_float("window_s", 3.0, "Target seconds per timed window (a whole number of "
-                   "batches, at least --min_batches).")
-flags.DEFINE_integer("min_batches", 3, "Minimum batches per timed window.")
-flags.DEFINE_integer("repeats", 5, "Timed windows per configuration (the median is reported).")
-flags.DEFINE_float("warmup_s", 2.0, "Seconds of warm-up (shuffle-buffer fill, autotune) "
-                   "before timing; at least 2 batches.")
-flags.DEFINE_bool("quick", False, "Short run: ph2@32, synth64@64, synth256@224; stages raw, "
-                  "decode, simclr, micle; 3 windows of 2 s.")
-flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
-flags.DEFINE_string("data_root", common.DEFAULT_DATA_ROOT, "Where records are written/reused.")
+
+
+def define_flags():
+    """Flags of `python -m bench.pipeline` (defined only when run as a script, so other
+    benchmarks can import this module)."""
+    flags.DEFINE_list("configs", ["ph2@32", "synth64@32", "synth64@64", "synth256@224"],
+                      "DATA@IMAGE_SIZE pairs. DATA: ph2 (32x32 PNG patches, 20 per lesion), "
+                      "synth64 / synth256 (random JPEG bags of 1-6 images stored at 64 / 256 px).")
+    flags.DEFINE_list("stages", ["raw", "parse", "decode", "simclr_noaug", "micle_noaug", "simclr",
+                                 "micle"], "Stages to measure (see the module docstring).")
+    flags.DEFINE_list("num_parallel_calls", ["autotune"],
+                      "Values of make_dataset(num_parallel_calls=...): integers or 'autotune'.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size (examples per batch).")
+    flags.DEFINE_string("augment", "derm", "build_augment preset for the simclr/micle stages.")
+    flags.DEFINE_float("window_s", 3.0, "Target seconds per timed window (a whole number of "
+                       "batches, at least --min_batches).")
+    flags.DEFINE_integer("min_batches", 3, "Minimum batches per timed window.")
+    flags.DEFINE_integer("repeats", 5, "Timed windows per configuration (the median is reported).")
+    flags.DEFINE_float("warmup_s", 2.0, "Seconds of warm-up (shuffle-buffer fill, autotune) "
+                       "before timing; at least 2 batches.")
+    flags.DEFINE_bool("quick", False, "Short run: ph2@32, synth64@64, synth256@224; stages raw, "
+                      "decode, simclr, micle; 3 windows of 2 s.")
+    flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
+    flags.DEFINE_string("data_root", common.DEFAULT_DATA_ROOT, "Where records are written/reused.")
+
 
 CONTRASTIVE = ("simclr", "micle")
 
@@ -329,4 +335,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -67,25 +67,37 @@ def verify_shards(data_dir, split, info=None, parse=True):
     """Reads every record of every shard of a split, one file at a time, and raises ShardError
     naming the first file that is truncated or corrupt (and, with `parse`, a record that does
     not parse: bad label, empty bag; the message then also names the case id). Returns
-    {shard path: number of records}. TensorFlow's own DataLossError names only a byte offset,
-    not the file; training calls this to name the file when reading fails (it reads the whole
-    split, so it runs on demand, not before every run)."""
+    {shard path: number of records}.
+
+    Why it exists: TensorFlow's DataLossError for a record cut in its payload names only a byte
+    offset, not the file, and a file cut inside a record's 12-byte header reads as a clean end
+    of file (the partial record is silently lost). Here the bytes of the records read must add
+    up to the file size. Training calls this to name the file when reading fails; it reads the
+    whole split, so it runs on demand, not before every run."""
     info = info or read_info(data_dir)
     task, num_classes = info["task"], len(info["label_names"])
     counts = {}
     for path in list_shards(data_dir, split):
         ds = tf.data.TFRecordDataset(path)
         if parse:
-            ds = ds.map(lambda r: schema.parse_case(r, task, num_classes))
-        n = 0
+            ds = ds.map(lambda r: (tf.strings.length(r),
+                                   schema.parse_case(r, task, num_classes)["case_id"]))
+        else:
+            ds = ds.map(lambda r: (tf.strings.length(r), tf.constant(b"")))
+        n = nbytes = 0
         try:
-            for _ in ds:
+            for length, _ in ds:
                 n += 1
+                nbytes += int(length) + 16  # length (8) + its CRC (4) + data + data CRC (4)
         except tf.errors.DataLossError as e:
             raise ShardError(path, f"{path}: truncated or corrupt TFRecord shard (read {n} good "
                                    f"records; {_tf_message(e)})") from None
         except tf.errors.InvalidArgumentError as e:
             raise ShardError(path, f"{path}: record {n} is invalid: {_tf_message(e)}") from None
+        size = tf.io.gfile.stat(path).length
+        if size != nbytes:
+            raise ShardError(path, f"{path}: truncated TFRecord shard ({size - nbytes} bytes "
+                                   f"after the last complete record, {n} records read)")
         counts[path] = n
     return counts
 

@@ -35,10 +35,11 @@ class DemoSettings:
     image_size: int = 32
     pretrain_batch_size: int = 64
     pretrain_steps: int = 150
+    pretrain_steps_per_epoch: int = 25  # checkpoint + kNN monitor interval
     pretrain_learning_rate: float = 1.0
     temperature: float = 0.2
     finetune_batch_size: int = 32
-    finetune_epochs: int = 15
+    finetune_steps: int = 200
     finetune_learning_rate: float = 0.1
     fractions: tuple = (0.25, 1.0)
     seeds: tuple = (0,)
@@ -48,7 +49,8 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(width_multiplier=0.125, pretrain_batch_size=32, pretrain_steps=8,
-                     finetune_epochs=1, finetune_batch_size=32, n_boot=200)
+                     pretrain_steps_per_epoch=4, finetune_steps=8, finetune_batch_size=32,
+                     n_boot=200)
 
 
 def _stage(name):
@@ -115,7 +117,7 @@ def pretrain(workdir, records, start, method, s):
     cfg = config_lib.PretrainConfig(
         method=method, data_dir=records, model_dir=model_dir, model=_model_cfg(s),
         batch_size=s.pretrain_batch_size, train_steps=s.pretrain_steps,
-        learning_rate=s.pretrain_learning_rate, warmup_epochs=1, temperature=s.temperature,
+        steps_per_epoch=s.pretrain_steps_per_epoch, learning_rate=s.pretrain_learning_rate, warmup_epochs=1, temperature=s.temperature,
         init_checkpoint=start, seed=s.seed, verbose=2, knn_monitor=True)
     return model_dir, run_pretraining(cfg)
 
@@ -205,8 +207,8 @@ def check_export_in_fresh_process(export_dir, records):
             "b = open(sys.argv[2], 'rb').read()\n"
             "out = m.signatures['serving_default'](image_bytes=tf.constant([b]))\n"
             "p = out['probabilities'].numpy()[0].tolist()\n"
-            "names = [n.decode() for n in out['label_names'].numpy().tolist()] "
-            "if 'label_names' in out else None\n"
+            "names = [n.decode() for n in "
+            "m.signatures['get_label_names']()['label_names'].numpy().tolist()]\n"
             "print(json.dumps({'probabilities': p, 'sum': sum(p), 'label_names': names}))\n")
     proc = subprocess.run([sys.executable, "-c", code, export_dir, png_path],
                           capture_output=True, text=True, timeout=300,
@@ -215,6 +217,18 @@ def check_export_in_fresh_process(export_dir, records):
     if proc.returncode != 0:
         raise RuntimeError(f"exported model failed in a fresh process: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _load(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save(path, obj):
+    from data_pipelines.writer import write_json_atomic
+    write_json_atomic(path, obj)
 
 
 def run_demo(workdir, s):
@@ -241,7 +255,7 @@ def run_demo(workdir, s):
 
     t = _stage("4/7 fine-tuning sweep")
     base = config_lib.FinetuneConfig(
-        model=_model_cfg(s), batch_size=s.finetune_batch_size, train_epochs=s.finetune_epochs,
+        model=_model_cfg(s), batch_size=s.finetune_batch_size, train_steps=s.finetune_steps,
         learning_rate=s.finetune_learning_rate, warmup_epochs=0, weight_decay=0.0,
         optimizer="lars", verbose=0)
     inits = {"none": "none", "simclr": pretrained["simclr"][0],
@@ -251,17 +265,34 @@ def run_demo(workdir, s):
     timings["sweep"] = time.time() - t
 
     t = _stage("5/7 comparisons")
-    comparisons = paired_comparisons(records, sweep, s)
-    retrieval_scores = retrieval(records, {"start": start, "simclr": pretrained["simclr"][0],
-                                           "micle": pretrained["micle"][0]}, s)
+    fresh = sweep["counts"]["trained"] > 0 or sweep["counts"]["evaluated"] > 0
+    cached = None if fresh else _load(os.path.join(workdir, "comparisons.json"))
+    if cached is None:
+        cached = {"comparisons": paired_comparisons(records, sweep, s),
+                  "retrieval": retrieval(records, {"start": start,
+                                                   "simclr": pretrained["simclr"][0],
+                                                   "micle": pretrained["micle"][0]}, s)}
+        _save(os.path.join(workdir, "comparisons.json"), cached)
+    else:
+        logging.info("micle-demo: comparisons computed earlier (reused)")
+    comparisons, retrieval_scores = cached["comparisons"], cached["retrieval"]
     timings["compare"] = time.time() - t
 
     t = _stage("6/7 export")
     best, best_val_auc = pick_best(sweep)
     export_dir = os.path.join(workdir, "export")
-    keras.utils.clear_session()
-    exported = export_saved_model(best["model_dir"], export_dir, which="best", overwrite=True)
-    check = check_export_in_fresh_process(export_dir, records)
+    previous = _load(os.path.join(workdir, "export_check.json"))
+    if (previous and previous.get("model_dir") == best["model_dir"] and not fresh
+            and os.path.exists(os.path.join(export_dir, "saved_model.pb"))):
+        logging.info("micle-demo: export exists for the chosen model (reused)")
+        exported, check = previous["exported"], previous["check"]
+    else:
+        keras.utils.clear_session()
+        exported = export_saved_model(best["model_dir"], export_dir, which="best",
+                                      overwrite=True)
+        check = check_export_in_fresh_process(export_dir, records)
+        _save(os.path.join(workdir, "export_check.json"),
+              {"model_dir": best["model_dir"], "exported": exported, "check": check})
     timings["export"] = time.time() - t
 
     t = _stage("7/7 report")

@@ -66,7 +66,7 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
         f"- backbone {s.backbone}, width x{s.width_multiplier}, {s.image_size} px; pretraining "
         f"{s.pretrain_steps} steps at batch {s.pretrain_batch_size} (LARS, lr "
         f"{s.pretrain_learning_rate}·B/256, temperature {s.temperature}); fine-tuning "
-        f"{s.finetune_epochs} epochs at batch {s.finetune_batch_size}; label fractions "
+        f"{s.finetune_steps} steps at batch {s.finetune_batch_size}; label fractions "
         f"{', '.join(str(f) for f in s.fractions)}; seeds {', '.join(map(str, s.seeds))}; "
         f"{s.n_boot} bootstrap resamples of test lesions.",
         "- Both SimCLR and MICLe start from the same encoder: "

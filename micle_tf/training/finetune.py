@@ -377,7 +377,9 @@ def run_finetuning(cfg):
             start_epoch=first_epoch, info=info, case_ids=case_ids, labelled_only=True,
             shuffle_buffer=_TRAIN_SHUFFLE_BUFFER)
 
-    has_val = cfg.eval_split in info["splits"] and info["splits"][cfg.eval_split].get("cases")
+    has_val = bool(cfg.eval_split) and cfg.eval_split in info["splits"] and any(
+        label is not None
+        for _, label, _ in reader.read_case_index(cfg.data_dir, cfg.eval_split, info=info))
     evaluate_fn = None
     if has_val:
         from micle_tf.evaluation.metrics import evaluate_predictions
@@ -391,8 +393,8 @@ def run_finetuning(cfg):
             return evaluate_predictions(ids, labels, probs, task, label_names, level="case",
                                         n_boot=0)
     else:
-        logging.warning("no %r split in %s: the best checkpoint is chosen by training loss",
-                        cfg.eval_split, cfg.data_dir)
+        logging.warning("no labelled %r split in %s: the best checkpoint is chosen by "
+                        "training loss", cfg.eval_split, cfg.data_dir)
 
     guard = cb.NonFiniteGuard()
     timer = StepTimer()
@@ -429,6 +431,17 @@ def run_finetuning(cfg):
     steps_run = final_step - start
     step_time = timer.steady_state()
     bstate = validation.state
+    previous = {}
+    if restored and os.path.exists(os.path.join(cfg.model_dir, SUMMARY_FILE)):
+        with open(os.path.join(cfg.model_dir, SUMMARY_FILE)) as f:
+            previous = json.load(f)  # a resumed run keeps the earlier invocations' history
+        merged = {k: list(v) for k, v in (previous.get("history") or {}).items()}
+        for k, v in history.items():
+            merged.setdefault(k, []).extend(v)
+        history = merged
+        elapsed += float(previous.get("wall_seconds") or 0.0)
+        if init_checkpoint is None:
+            init_checkpoint = previous.get("init_checkpoint")
     summary = {
         "init_from": init,
         "init_checkpoint": init_checkpoint,
@@ -449,8 +462,9 @@ def run_finetuning(cfg):
                                             "val_metrics", "checkpoint")},
         "history": history,
         "val_history": validation.history,
-        "images_per_second": (cfg.batch_size / step_time) if steps_run else None,
-        "ms_per_step": step_time * 1000 if steps_run else None,
+        "images_per_second": ((cfg.batch_size / step_time) if steps_run
+                              else previous.get("images_per_second")),
+        "ms_per_step": step_time * 1000 if steps_run else previous.get("ms_per_step"),
         "wall_seconds": elapsed,
         "peak_learning_rate": peak_lr,
         "num_replicas": strategy.num_replicas_in_sync,

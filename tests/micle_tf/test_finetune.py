@@ -39,10 +39,12 @@ def shared_pretrain(tmp_path_factory, ph2_records):
 
 
 def base_finetune_config(ph2_records):
+    """Sweep runs skip per-epoch validation (eval_split="": best = lowest training loss) to
+    keep the tests short; the shared "micle" run validates (see shared_finetune)."""
     return config_lib.FinetuneConfig(
         model=config_lib.ModelConfig(**TINY_MODEL), data_dir=ph2_records, batch_size=16,
         train_steps=2, learning_rate=0.16, warmup_epochs=0.0, weight_decay=0.0,
-        keep_checkpoints=1, verbose=0)
+        keep_checkpoints=1, verbose=0, eval_split="")
 
 
 def sweep_dir(tmp_path_factory):
@@ -50,15 +52,16 @@ def sweep_dir(tmp_path_factory):
 
 
 def shared_finetune(tmp_path_factory, ph2_records, name):
-    """Fine-tuned run `name` ("micle": from the shared pretraining, "none": random init) at
-    label fraction 0.25, seed 0, in the layout run_sweep uses (so the sweep test reuses it)."""
+    """Fine-tuned run `name` ("micle": from the shared pretraining, validated on "val" each
+    epoch; "none": random init) at label fraction 0.25, seed 0, in the layout run_sweep uses
+    (so the sweep test reuses it: eval_split is not part of a sweep run's identity)."""
     from micle_tf.training.finetune import SUMMARY_FILE, run_finetuning
     init = shared_pretrain(tmp_path_factory, ph2_records) if name == "micle" else "none"
     d = sweep_dir(tmp_path_factory) / name / f"f{SWEEP_FRACTION:g}_s0"
     if not (d / SUMMARY_FILE).exists():
         run_finetuning(dataclasses.replace(base_finetune_config(ph2_records), model_dir=str(d),
                                            init_from=init, label_fraction=SWEEP_FRACTION,
-                                           seed=0))
+                                           seed=0, eval_split="val" if name == "micle" else ""))
     return str(d)
 
 
@@ -194,9 +197,11 @@ def test_finetune_from_pretraining_run(tmp_path_factory, ph2_records):
     # same model_dir again: resumes at the end, trains nothing more
     again = ft.run_finetuning(dataclasses.replace(
         base_finetune_config(ph2_records), model_dir=run, init_from=pre,
-        label_fraction=SWEEP_FRACTION, seed=0))
+        label_fraction=SWEEP_FRACTION, seed=0, eval_split="val"))
     assert again["resumed_from_step"] == 2 and again["final_step"] == 2
     assert again["best"]["step"] == best["step"]
+    assert again["history"] == summary["history"] and again["final_loss"] == summary["final_loss"]
+    assert again["init_checkpoint"] == summary["init_checkpoint"]
 
 
 def test_finetune_from_scratch(tmp_path_factory, ph2_records):
@@ -206,6 +211,8 @@ def test_finetune_from_scratch(tmp_path_factory, ph2_records):
         summary = json.load(f)
     assert summary["init_from"] == "none" and summary["init_checkpoint"] is None
     assert summary["final_step"] == 2 and math.isfinite(summary["final_loss"])
+    assert summary["best"]["metric"] == "train_loss"  # no validation split configured
+    assert summary["best_checkpoint"].startswith(os.path.join(run, "best"))
     model, cfg, _ = ft.load_classifier(run)
     probs = model.probabilities(model(tf.zeros([2, 32, 32, 3]))["logits"]).numpy()
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_STEPS, STEPS_PER_EPOCH = 16, 2
+TRAIN_STEPS, STEPS_PER_EPOCH = 12, 2
 RUN_TIMEOUT = 240  # seconds for one CLI run (a loaded 2-core machine)
 
 
@@ -93,6 +93,7 @@ def checkpoint_variables(prefix):
             if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_resumes_exactly(tiny_records, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     state_file = run_dir / "checkpoints" / "checkpoint"
