@@ -76,7 +76,7 @@ def _segments(start, spe, total):
     [(first_epoch, num_epochs, steps_per_epoch)]."""
     segs = []
     epoch, offset = divmod(start, spe)
-    if offset:  # resumed mid-epoch (only if the schedule changed): finish that epoch first
+    if offset and start < total:  # resumed mid-epoch (schedule changed): finish that epoch
         steps = min(spe - offset, total - start)
         segs.append((epoch, 1, steps))
         start += steps

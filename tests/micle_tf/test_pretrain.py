@@ -36,6 +36,7 @@ def test_plan_and_segments():
     assert _segments(8, 4, 10) == [(2, 1, 2)]
     assert _segments(5, 4, 12) == [(1, 1, 3), (2, 1, 4)]  # mid-epoch: finish it, then go on
     assert _segments(12, 4, 12) == []
+    assert _segments(5, 3, 5) == [] and _segments(2, 45, 2) == []  # finished: no empty fit
 
 
 def _variables(prefix):
