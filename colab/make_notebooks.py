@@ -69,9 +69,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ start-up chatter
 """
 
-REUSE_HELPER = """
+REUSE_HELPER = '''
 def finished_summary(model_dir, summary_file):
-    \"\"\"The summary of a run that already finished in model_dir (re-running reuses it), or None.\"\"\"
+    """The summary of a run that already finished in model_dir (a re-run reuses it), else None."""
     path = os.path.join(model_dir, summary_file)
     if not os.path.exists(path):
         return None
@@ -79,7 +79,7 @@ def finished_summary(model_dir, summary_file):
         summary = json.load(f)
     done = summary["final_step"] >= summary["train_steps"] and summary["history"]
     return summary if done else None
-"""
+'''
 
 # --------------------------------------------------------------------------- 01 quickstart
 QUICKSTART = [
@@ -354,8 +354,8 @@ layout (`data_pipelines/sources/`). This notebook
 
 1. writes a small image folder with a `cases.csv` (as if it were your own data, one corrupt
    file included) and converts it, showing how a bad input is counted and named;
-2. writes a miniature dataset in the **HAM10000** layout (`HAM10000_metadata.csv` + `{{image_id}}.jpg`,
-   several images per `lesion_id`) and converts it;
+2. writes a miniature dataset in the **HAM10000** layout (`HAM10000_metadata.csv` +
+   `{{image_id}}.jpg`, several images per `lesion_id`) and converts it;
 3. pretrains MICLe on the first one for a few steps, fine-tunes and evaluates.
 
 Both fixtures are cut from the PH² patches that ship with micle-tf, so the notebook runs
@@ -534,7 +534,8 @@ if finished_summary(pretrain_dir, PRETRAIN_SUMMARY) is None:
     s = run_pretraining(PretrainConfig(
         method="micle", data_dir=MY_RECORDS, model_dir=pretrain_dir, model=MODEL,
         learning_rate=1.0, warmup_epochs=1, temperature=0.2, seed=SEED, verbose=2, **PRETRAIN))
-    print(f"MICLe: {s['final_step']} steps, loss per epoch {[round(x, 3) for x in s['history']['loss']]}")
+    losses = [round(x, 3) for x in s["history"]["loss"]]
+    print(f"MICLe: {s['final_step']} steps, loss per epoch {losses}")
 
 finetune_dir = os.path.join(RUN, "finetune_micle")
 if finished_summary(finetune_dir, FINETUNE_SUMMARY) is None:
@@ -758,7 +759,8 @@ client = textwrap.dedent('''
     assert not [m for m in sys.modules if m.split(".")[0] in ("micle_tf", "data_pipelines")]
 ''')
 proc = subprocess.run([sys.executable, "-c", client, EXPORT_DIR, *IMAGE_FILES],
-                      capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                      capture_output=True, text=True,
+                      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 print(proc.stdout or proc.stderr[-2000:])
 proc.check_returncode()
 """),

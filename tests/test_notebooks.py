@@ -46,7 +46,7 @@ def test_notebook_is_clean(name):
             assert cell.outputs == [] and cell.execution_count is None, name
 
 
-def _kernel_name(tmp_path):
+def _kernel_name(tmp_path, monkeypatch):
     """'python3' when it resolves to this interpreter (ipykernel's native kernel, or a
     kernelspec whose argv[0] is `python`, which jupyter_client maps to sys.executable);
     otherwise a kernelspec written under tmp_path that runs sys.executable."""
@@ -64,8 +64,8 @@ def _kernel_name(tmp_path):
     (kernel_dir / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "micle-tf test", "language": "python"}))
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        [str(tmp_path / "jupyter")] + [p for p in [os.environ.get("JUPYTER_PATH")] if p])
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
+        [str(tmp_path / "jupyter")] + [p for p in [os.environ.get("JUPYTER_PATH")] if p]))
     return "micle-test"
 
 
@@ -77,11 +77,12 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     workdir = tmp_path / "run"
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source += f"\n\n# injected by tests/test_notebooks.py\nQUICK = True\nWORKDIR = {str(workdir)!r}\n"
+    params.source += ("\n\n# injected by tests/test_notebooks.py\n"
+                      f"QUICK = True\nWORKDIR = {str(workdir)!r}\n")
     nb.cells.insert(0, nbformat.v4.new_code_cell(
         f"import sys\nassert sys.prefix == {sys.prefix!r}, (sys.prefix, sys.executable)"))
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    kernel = _kernel_name(tmp_path)
+    kernel = _kernel_name(tmp_path, monkeypatch)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel,
                                      resources={"metadata": {"path": str(tmp_path)}})
     start = time.time()

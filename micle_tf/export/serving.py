@@ -180,61 +180,21 @@ def build_serving_module(model, label_names, image_size, task):
 
 
 def load_classifier(model_dir, which="best"):
-    """Rebuilds the ClassifierModel described by `{model_dir}/finetune_config.json` and
-    restores a checkpoint (`best`, falling back to `latest` when there is none).
+    """The fine-tuned ClassifierModel of `model_dir` (see `training.finetune.load_classifier`),
+    rebuilt in float32 whatever precision training used, so serving is float32.
     Returns (model, cfg, dataset_info, which_restored, checkpoint_step)."""
     import keras
 
-    from micle_tf import config as config_lib
-    from micle_tf.models.classifier import ClassifierModel
-    from micle_tf.models.factory import build_encoder, build_projection_head
-
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
-    config_path = os.path.join(model_dir, "finetune_config.json")
-    if not tf.io.gfile.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: is {model_dir} a micle-finetune "
-                                "model_dir?")
-    with tf.io.gfile.GFile(config_path) as f:
-        saved = json.load(f)
-    cfg = config_lib.from_dict(config_lib.FinetuneConfig, saved["config"])
-    dataset = saved.get("dataset") or {}
-    label_names = dataset.get("label_names")
-    task = dataset.get("task")
-    if not label_names or task not in ("multiclass", "multilabel"):
-        raise ValueError(f"{config_path} lacks dataset.label_names / dataset.task")
-
-    prefix, restored = None, None
-    order = ["best", "latest"] if which == "best" else ["latest"]
-    for kind in order:
-        folder = os.path.join(model_dir, "best" if kind == "best" else "checkpoints")
-        prefix = tf.train.latest_checkpoint(folder) if tf.io.gfile.isdir(folder) else None
-        if prefix:
-            restored = kind
-            break
-    if not prefix:
-        raise FileNotFoundError(f"no {' or '.join(order)} checkpoint in {model_dir}")
+    from micle_tf.training import finetune
 
     previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")  # serve in float32 whatever training used
+    keras.config.set_dtype_policy("float32")
     try:
-        model = ClassifierModel(
-            build_encoder(cfg.model, cfg.fine_tune_after_block),
-            num_classes=len(label_names), task=task,
-            projection_head=(build_projection_head(cfg.model)
-                             if cfg.ft_proj_selector > 0 else None),
-            ft_proj_selector=cfg.ft_proj_selector, uncertainty_policy=cfg.uncertainty_policy,
-            label_smoothing=cfg.label_smoothing, name="classifier").build_for(
-                cfg.model.image_size)
+        model, cfg, dataset = finetune.load_classifier(model_dir, which)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    status = tf.train.Checkpoint(model=model).restore(prefix)
-    status.expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(f"the {restored} checkpoint does not match the model described by "
-                         f"finetune_config.json: {str(e)[:500]}") from None
+    prefix = model.checkpoint_path
+    restored = "best" if os.path.basename(os.path.dirname(prefix)) == "best" else "latest"
     step = prefix.rsplit("-", 1)[-1]
     return model, cfg, dataset, restored, int(step) if step.isdigit() else None
 

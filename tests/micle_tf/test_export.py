@@ -279,7 +279,7 @@ def test_export_refuses_non_empty_dir_and_bad_arguments(env, tmp_path):
     empty = tmp_path / "no_ckpt"
     empty.mkdir()
     shutil.copy(os.path.join(env.model_dir, "finetune_config.json"), empty)
-    with pytest.raises(FileNotFoundError, match="no best or latest checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         serving.export_saved_model(str(empty), str(tmp_path / "z"))
     assert not (tmp_path / "z").exists()
 
