@@ -46,7 +46,8 @@ from micle_tf.models.factory import build_encoder, build_projection_head
 from micle_tf.optimizers import WarmupCosineDecay, build_optimizer, scale_learning_rate
 from micle_tf.training import callbacks as cb
 from micle_tf.training.checkpoints import CHECKPOINT_SUBDIR, CheckpointState, load_encoder_weights
-from micle_tf.training.distribute import create_strategy, is_chief, set_mixed_precision
+from micle_tf.training.distribute import (create_strategy, is_chief, prepare_keras_fit,
+                                         set_mixed_precision)
 from micle_tf.training.pretrain import (CONFIG_FILE as PRETRAIN_CONFIG_FILE, StepTimer,
                                         _segments, load_pretrain_config, plan_schedule,
                                         seed_everything)
@@ -344,6 +345,7 @@ def run_finetuning(cfg):
         optimizer = build_optimizer(cfg.optimizer, schedule, cfg.weight_decay, cfg.momentum)
         model.compile(optimizer=optimizer)
         model.optimizer.build(model.trainable_variables)
+        prepare_keras_fit(model, strategy)
         state = CheckpointState(cfg.model_dir, model, model.optimizer, cfg.keep_checkpoints,
                                 chief=chief)
         best = BestCheckpoint(cfg.model_dir, model, chief=chief)
