@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
-from data_pipelines import sources, splits, writer
+from data_pipelines import sources, writer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(sources.SOURCES), "Dataset layout to convert.")

@@ -152,36 +152,6 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
         files = files[pipeline_id::num_pipelines]
     keep_case = _case_filter(case_ids) if case_ids is not None else None
 
-    def view(image, s):
-        if augment_fn is not None and training:
-            out = augment_fn(image, s)
-        else:
-            out = resize_image(image, image_size)
-        return tf.ensure_shape(tf.cast(out, tf.float32), [image_size, image_size, 3])
-
-    if mode == "supervised":
-        def element(ex, s):
-            image = decode_image(ex["encoded"])
-            return {"image": view(image, s), "label": ex["label"], "case_id": ex["case_id"]}
-    else:
-        def element(case, s):
-            pick_i, pick_j, aug_1, aug_2 = tf.unstack(
-                tf.random.experimental.stateless_split(s, num=4))
-            n = tf.shape(case["encoded"])[0]
-            i = tf.random.stateless_uniform([], pick_i, 0, n, dtype=tf.int32)
-            if mode == "micle":  # j uniform over the other n-1 images, or i for a 1-image bag
-                j = tf.random.stateless_uniform([], pick_j, 0, tf.maximum(n - 1, 1),
-                                                dtype=tf.int32)
-                j = tf.where(n > 1, j + tf.cast(j >= i, tf.int32), i)
-            else:
-                j = i
-            image_i = decode_image(case["encoded"][i])
-            image_j = tf.cond(tf.equal(i, j), lambda: image_i,
-                              lambda: decode_image(case["encoded"][j]))
-            return {"view1": view(image_i, aug_1), "view2": view(image_j, aug_2),
-                    "label": case["label"], "case_id": case["case_id"],
-                    "image_indices": tf.stack([i, j])}
-
     def one_stream(epoch):
         """Files -> cases (-> images) -> [shuffle, repeat] -> seeded elements -> batches."""
         epoch = tf.cast(epoch, tf.int64)
@@ -199,26 +169,79 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
             ds = ds.filter(keep_case)
         if labelled_only:
             ds = ds.filter(_has_label)
-        if mode == "supervised":
-            ds = ds.map(lambda c: {"encoded": c["encoded"],
-                                   "case_id": tf.fill(tf.shape(c["encoded"]), c["case_id"]),
-                                   "label": tf.repeat(c["label"][tf.newaxis],
-                                                      tf.shape(c["encoded"])[0], axis=0)}
-                        ).unbatch()
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + epoch + 1,
-                            reshuffle_each_iteration=True).repeat()
-        # One seed per element from (seed, pipeline, epoch, position): stateless, so the same
-        # element gets the same image pick and augmentation however many threads run.
-        base = tf.random.experimental.stateless_fold_in(
-            tf.stack([tf.constant(seed, tf.int64), tf.constant(pipeline_id, tf.int64)]), epoch)
-        ds = ds.enumerate().map(
-            lambda k, x: element(x, tf.random.experimental.stateless_fold_in(base, k)),
-            num_parallel_calls=num_parallel_calls, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.take(steps_per_epoch) if steps_per_epoch else ds
+        return bag_stream(ds, mode, batch_size, image_size, to_float=decode_image,
+                          augment_fn=augment_fn, seed=seed, pipeline_id=pipeline_id,
+                          epoch=epoch, training=training, shuffle_buffer=shuffle_buffer,
+                          drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
+                          num_parallel_calls=num_parallel_calls)
 
+    return epoch_streams(one_stream, training, steps_per_epoch, start_epoch)
+
+
+def bag_stream(bags, mode, batch_size, image_size, *, to_float, augment_fn, seed, pipeline_id,
+               epoch, training, shuffle_buffer, drop_remainder, steps_per_epoch,
+               num_parallel_calls=tf.data.AUTOTUNE):
+    """What every source shares, from bags to batches: bags {"encoded": [N] items, "label",
+    "case_id"} (-> one element per image in supervised mode) -> [shuffle, repeat] -> one seed
+    per element -> image pair or image, augmented -> batches (-> first `steps_per_epoch`).
+
+    `to_float(item) -> float32 [H, W, 3]` decodes one item (bytes for records, a uint8 image
+    for some TFDS features)."""
+    def view(image, s):
+        if augment_fn is not None and training:
+            out = augment_fn(image, s)
+        else:
+            out = resize_image(image, image_size)
+        return tf.ensure_shape(tf.cast(out, tf.float32), [image_size, image_size, 3])
+
+    if mode == "supervised":
+        def element(ex, s):
+            return {"image": view(to_float(ex["encoded"]), s), "label": ex["label"],
+                    "case_id": ex["case_id"]}
+    else:
+        def element(case, s):
+            pick_i, pick_j, aug_1, aug_2 = tf.unstack(
+                tf.random.experimental.stateless_split(s, num=4))
+            n = tf.shape(case["encoded"])[0]
+            i = tf.random.stateless_uniform([], pick_i, 0, n, dtype=tf.int32)
+            if mode == "micle":  # j uniform over the other n-1 images, or i for a 1-image bag
+                j = tf.random.stateless_uniform([], pick_j, 0, tf.maximum(n - 1, 1),
+                                                dtype=tf.int32)
+                j = tf.where(n > 1, j + tf.cast(j >= i, tf.int32), i)
+            else:
+                j = i
+            image_i = to_float(case["encoded"][i])
+            image_j = tf.cond(tf.equal(i, j), lambda: image_i,
+                              lambda: to_float(case["encoded"][j]))
+            return {"view1": view(image_i, aug_1), "view2": view(image_j, aug_2),
+                    "label": case["label"], "case_id": case["case_id"],
+                    "image_indices": tf.stack([i, j])}
+
+    ds = bags
+    if mode == "supervised":
+        ds = ds.map(lambda c: {"encoded": c["encoded"],
+                               "case_id": tf.fill(tf.shape(c["encoded"])[:1], c["case_id"]),
+                               "label": tf.repeat(c["label"][tf.newaxis],
+                                                  tf.shape(c["encoded"])[0], axis=0)}
+                    ).unbatch()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + epoch + 1,
+                        reshuffle_each_iteration=True).repeat()
+    # One seed per element from (seed, pipeline, epoch, position): stateless, so the same
+    # element gets the same image pick and augmentation however many threads run.
+    base = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(seed, tf.int64), tf.constant(pipeline_id, tf.int64)]), epoch)
+    ds = ds.enumerate().map(
+        lambda k, x: element(x, tf.random.experimental.stateless_fold_in(base, k)),
+        num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.take(steps_per_epoch) if steps_per_epoch else ds
+
+
+def epoch_streams(one_stream, training, steps_per_epoch, start_epoch):
+    """With `steps_per_epoch`, training epoch e is `one_stream(e)` cut to that many batches and
+    the dataset starts at `start_epoch`; otherwise one stream. Deterministic, prefetched."""
     if training and steps_per_epoch:
         ds = tf.data.Dataset.range(start_epoch, 2 ** 62).flat_map(one_stream)
     else:

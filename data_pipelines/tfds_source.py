@@ -30,9 +30,10 @@ import re
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines.decode import decode_image, resize_image
+from data_pipelines import reader
+from data_pipelines.decode import decode_image
 
-MODES = ("simclr", "micle", "supervised")
+MODES = reader.MODES
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -204,70 +205,23 @@ def make_tfds_dataset(name, data_dir, split, mode, batch_size, image_size, *, au
                                                                           2 ** 63 - 1))
         return label, case_id
 
-    def view(image, s):
-        if augment_fn is not None and training:
-            out = augment_fn(image, s)
-        else:
-            out = resize_image(image, image_size)
-        return tf.ensure_shape(tf.cast(out, tf.float32), [image_size, image_size, 3])
-
-    if mode == "supervised":
-        def element(ex, s):
-            return {"image": view(to_float(ex["image"]), s), "label": ex["label"],
-                    "case_id": ex["case_id"]}
-    else:
-        def element(ex, s):
-            pick_i, pick_j, aug_1, aug_2 = tf.unstack(
-                tf.random.experimental.stateless_split(s, num=4))
-            images = ex["images"]
-            n = tf.shape(images)[0]
-            i = tf.random.stateless_uniform([], pick_i, 0, n, dtype=tf.int32)
-            if mode == "micle":  # j uniform over the other n-1 images, or i for one image
-                j = tf.random.stateless_uniform([], pick_j, 0, tf.maximum(n - 1, 1),
-                                                dtype=tf.int32)
-                j = tf.where(n > 1, j + tf.cast(j >= i, tf.int32), i)
-            else:
-                j = i
-            image_i = to_float(images[i])
-            image_j = tf.cond(tf.equal(i, j), lambda: image_i, lambda: to_float(images[j]))
-            return {"view1": view(image_i, aug_1), "view2": view(image_j, aug_2),
-                    "label": ex["label"], "case_id": ex["case_id"],
-                    "image_indices": tf.stack([i, j])}
-
     def normalise(ex):
-        """-> {"images": [N, ...] (N = 1 for an image dataset), "label", "case_id"}."""
+        """-> {"encoded": [N, ...] (N = 1 for an image dataset), "label", "case_id"}."""
         label, case_id = common(ex)
         images = ex[key] if bags else ex[key][tf.newaxis]
-        return {"images": images, "label": label, "case_id": case_id}
+        return {"encoded": images, "label": label, "case_id": case_id}
 
     def one_stream(epoch):
         epoch = tf.cast(epoch, tf.int64)
         ds = base.map(normalise, num_parallel_calls=num_parallel_calls, deterministic=True)
-        if mode == "supervised":
-            ds = ds.map(lambda c: {
-                "image": c["images"],
-                "label": tf.repeat(c["label"][tf.newaxis], tf.shape(c["images"])[0], axis=0),
-                "case_id": tf.fill(tf.shape(c["images"])[:1], c["case_id"])}).unbatch()
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + epoch + 1,
-                            reshuffle_each_iteration=True).repeat()
-        seed0 = tf.random.experimental.stateless_fold_in(
-            tf.stack([tf.constant(seed, tf.int64), tf.constant(pipeline_id, tf.int64)]), epoch)
-        ds = ds.enumerate().map(
-            lambda k, x: element(x, tf.random.experimental.stateless_fold_in(seed0, k)),
-            num_parallel_calls=num_parallel_calls, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.take(steps_per_epoch) if steps_per_epoch else ds
+        return reader.bag_stream(ds, mode, batch_size, image_size, to_float=to_float,
+                                 augment_fn=augment_fn, seed=seed, pipeline_id=pipeline_id,
+                                 epoch=epoch, training=training, shuffle_buffer=shuffle_buffer,
+                                 drop_remainder=drop_remainder,
+                                 steps_per_epoch=steps_per_epoch,
+                                 num_parallel_calls=num_parallel_calls)
 
-    if training and steps_per_epoch:
-        ds = tf.data.Dataset.range(start_epoch, 2 ** 62).flat_map(one_stream)
-    else:
-        ds = one_stream(start_epoch)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return reader.epoch_streams(one_stream, training, steps_per_epoch, start_epoch)
 
 
 def distributed_tfds_dataset(strategy, name, data_dir, split, mode, global_batch_size,

@@ -49,7 +49,7 @@ def plot_pretraining_curves(pretrained, path):
 def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retrieval, best,
                       best_val_auc, exported, check, timings):
     info = read_info(records)
-    curves = plot_pretraining_curves(pretrained, os.path.join(workdir, "pretraining.png"))
+    plot_pretraining_curves(pretrained, os.path.join(workdir, "pretraining.png"))
     lines = ["# micle-demo report", ""]
     lines += [
         "SimCLR vs MICLe vs supervised-from-scratch on the embedded PH² dermoscopy patches "

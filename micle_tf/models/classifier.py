@@ -13,7 +13,7 @@
 import keras
 import tensorflow as tf
 
-from micle_tf.models.heads import ProjectionHead, select_hidden
+from micle_tf.models.heads import select_hidden
 
 UNCERTAINTY_POLICIES = ("ignore", "ones", "zeros")
 

@@ -420,7 +420,8 @@ def run_finetuning(cfg):
                 break
             h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
                           epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                          callbacks=callbacks, verbose=cfg.verbose if chief else 0)
+                          callbacks=callbacks, verbose=cfg.verbose if chief else 0,
+                          shuffle=False)  # the reader shuffles (seeded, per epoch)
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(float(x) for x in v)
     elapsed = time.time() - t0

@@ -187,7 +187,8 @@ def run_pretraining(cfg):
         try:
             h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
                           epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                          callbacks=callbacks, verbose=cfg.verbose if chief else 0)
+                          callbacks=callbacks, verbose=cfg.verbose if chief else 0,
+                          shuffle=False)  # the reader shuffles (seeded, per epoch)
         except tf.errors.DataLossError as e:
             # TF names a byte offset, not the file: find the shard and name it.
             reader.verify_shards(cfg.data_dir, cfg.train_split, info=info, parse=False)
