@@ -20,6 +20,7 @@ flags.DEFINE_string("preset", "derm", "Preset whose ops are broken down (derm on
 flags.DEFINE_integer("n", 0, "Images per timing (0: 2000 / 800 / 200 for <=32 / <=64 / larger).")
 flags.DEFINE_integer("repeats", 3, "Timings per op (median).")
 flags.DEFINE_integer("num_parallel_calls", 1, "Map parallelism (1: per-op cost, no overlap).")
+flags.DEFINE_integer("intra_op", 0, "tf.data max_intra_op_parallelism (0: TF default).")
 flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
 
 
@@ -50,11 +51,15 @@ def op_table(size):
     ]
 
 
-def cpu_ms(fn, image, crop, n, repeats, npc):
+def cpu_ms(fn, image, crop, n, repeats, npc, intra_op=0):
     import numpy as np
     import tensorflow as tf
     ds = tf.data.Dataset.range(n).map(
         lambda k: fn(image, crop, tf.stack([k, k * 7 + 1])), num_parallel_calls=npc)
+    if intra_op:
+        options = tf.data.Options()
+        options.threading.max_intra_op_parallelism = intra_op
+        ds = ds.with_options(options)
 
     def consume(d):
         return d.reduce(tf.constant(0.0), lambda a, x: a + x[0, 0, 0])
@@ -80,12 +85,13 @@ def main(argv):
         n = FLAGS.n or (2000 if size <= 32 else 800 if size <= 64 else 200)
         load = common.load_average()
         for name, fn, p in op_table(size):
-            ms = cpu_ms(fn, image, crop, n, FLAGS.repeats, FLAGS.num_parallel_calls)
+            ms = cpu_ms(fn, image, crop, n, FLAGS.repeats, FLAGS.num_parallel_calls,
+                        FLAGS.intra_op)
             rec = {"bench": "augment_ops", "machine": common.machine_info(),
                    "versions": common.versions(),
                    "config": {"preset": FLAGS.preset, "image_size": size, "input_px": px,
                               "op": name.strip(), "num_parallel_calls": FLAGS.num_parallel_calls,
-                              "images": n},
+                              "intra_op": FLAGS.intra_op or "default", "images": n},
                    "figures": {"cpu_ms_per_image": ms,
                                "expected_ms_per_view": ms * p if p is not None else None,
                                "probability": p, "load_avg_before": load,

@@ -19,8 +19,9 @@ images decoded per second (1 per simclr pair, 2 per micle pair with n > 1 images
 
 Each configuration prints one JSON line; a table and the ratios follow at the end.
 
-  python -m bench.pipeline --quick          # ~3 min on 2 cores
-  python -m bench.pipeline --configs=synth256@224 --stages=decode,micle --num_parallel_calls=1,2,autotune
+  python -m bench.pipeline --quick          # ~3-4 min on 2 (busy) cores
+  python -m bench.pipeline --configs=synth256@224 --stages=decode,micle \
+      --num_parallel_calls=1,2,autotune
 """
 import os
 import sys

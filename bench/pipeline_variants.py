@@ -19,9 +19,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["ph2@32", "synth64@64", "synth256@224"], "DATA@SIZE pairs.")
 flags.DEFINE_list("modes", ["micle"], "Reader modes (augmented).")
 flags.DEFINE_list("variants", ["baseline", "npc=1", "npc=2", "copy", "intra_op=1",
-                               "cache_decoded", "batch_augment", "all"],
+                               "cache_decoded", "batch_augment", "all", "crop_only"],
                   "baseline | npc=N | copy (patched copy, all options off) | intra_op=1 | "
-                  "cache_decoded | batch_augment | all (intra_op=1 + cache + batch_augment)")
+                  "cache_decoded | batch_augment | all (intra_op=1 + cache + batch_augment) | "
+                  "crop_only (decode + crop on the host; the rest would run on the accelerator)")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds (median over rounds).")
 flags.DEFINE_float("window_s", 2.0, "Timed window per measurement (s).")
@@ -45,6 +46,8 @@ def variant_args(name):
         return Variant(cache_decoded=True), "autotune"
     if name == "batch_augment":
         return Variant(batch_augment="derm"), "autotune"
+    if name == "crop_only":
+        return Variant(batch_augment="derm", host_post=False), "autotune"
     if name == "all":
         return Variant(intra_op=1, cache_decoded=True, batch_augment="derm"), "autotune"
     raise ValueError(f"unknown variant {name!r}")

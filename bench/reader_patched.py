@@ -18,6 +18,9 @@ steps_per_epoch). Options:
                       jitter in per-image random order, grayscale, blur) runs once per batch,
                       vectorised (`derm_batch_post`), its random draws seeded per batch.
                       Same distribution as the per-image preset; different random stream.
+  host_post=False     with batch_augment: skip the per-batch part on the host -- the CPU cost
+                      left if flip/jitter/grayscale/blur ran on the accelerator inside the
+                      train step (derm_batch_post is plain batched TF ops, so it can).
 """
 import tensorflow as tf
 
@@ -105,7 +108,8 @@ def derm_batch_post(images, seed, strength=1.0, p_jitter=0.8, p_gray=0.2, p_blur
 def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=None, seed=0,
                  training=True, shuffle_buffer=512, drop_remainder=None,
                  num_parallel_calls=tf.data.AUTOTUNE, cycle_length=4, info=None,
-                 intra_op=None, cache_decoded=False, batch_augment=None, **unused):
+                 intra_op=None, cache_decoded=False, batch_augment=None, host_post=True,
+                 **unused):
     if unused.get("steps_per_epoch") or unused.get("input_context") or unused.get("case_ids"):
         raise NotImplementedError("bench copy: steps_per_epoch/input_context/case_ids")
     info = info or read_info(data_dir)
@@ -199,7 +203,7 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
         num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder,
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if use_batch_aug:
+    if use_batch_aug and host_post:
         batch_base = tf.random.experimental.stateless_fold_in(base, -1)
 
         def post(k, b):

@@ -112,7 +112,11 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
     n_sig = sum(1 for c in comparisons if c["significant"])
     lines += ["", f"{n_sig} of {len(comparisons)} comparisons have a CI that excludes 0"
               + ("; the rest are within noise on this data." if n_sig < len(comparisons)
-                 else "."), ""]
+                 else ".")
+              + f" The CIs are not corrected for multiple comparisons: with {len(comparisons)} "
+              f"comparisons about {0.05 * len(comparisons):.1f} would exclude 0 by chance "
+              "alone, and one seed per setting says nothing about run-to-run variation "
+              "(add seeds with --seeds).", ""]
     lines += ["## Exported model", "",
               f"- Chosen by validation AUC ({_f(best_val_auc)}): `{best['init']}` at label "
               f"fraction {best['label_fraction']:g}, seed {best['seed']}.",
