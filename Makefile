@@ -39,7 +39,7 @@ test: install-dev
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install-dev
-	$(VENV)/bin/python -m bench.pipeline && $(VENV)/bin/python -m bench.train_step
+	PYTHON=$(PY) bash bench/run_cpu.sh
 
 clean:
 	rm -rf $(WORKDIR)
