@@ -109,3 +109,35 @@ class KnnMonitor(keras.callbacks.Callback):
         self.history.append({"epoch": epoch + 1, **values})
         if logs is not None:
             logs.update(values)
+
+
+def fit_segments(model, make_data, segments, callbacks, guard, last_checkpoint, verbose=1,
+                 should_stop=lambda: False, shard_check=None):
+    """Runs `model.fit` once per schedule segment [(first_epoch, num_epochs, steps)] (see
+    `pretrain._segments`), each on `make_data(first_epoch)`. Returns the merged history.
+
+    A non-finite loss (seen by `guard`) ends training with FloatingPointError naming the step
+    and the last good checkpoint (`last_checkpoint()`). A truncated shard makes TF raise
+    DataLossError naming a byte offset only: `shard_check()` (e.g. reader.verify_shards) is
+    then called to name the file."""
+    history = {}
+    for first_epoch, num_epochs, steps in segments:
+        if guard.triggered or should_stop() or steps <= 0:
+            break
+        try:
+            h = model.fit(make_data(first_epoch), initial_epoch=first_epoch,
+                          epochs=first_epoch + num_epochs, steps_per_epoch=steps,
+                          callbacks=callbacks, verbose=verbose,
+                          shuffle=False)  # the reader shuffles (seeded, per epoch)
+        except tf.errors.DataLossError:
+            if shard_check is not None:
+                shard_check()
+            raise
+        for k, v in h.history.items():
+            history.setdefault(k, []).extend(float(x) for x in v)
+    if guard.triggered:
+        raise FloatingPointError(
+            f"non-finite loss at step {guard.step}; training stopped. The last good checkpoint "
+            f"is {last_checkpoint() or 'none (no checkpoint was saved before the failure)'}. "
+            "Lower the learning rate or check the input data.")
+    return history

@@ -415,21 +415,12 @@ def run_finetuning(cfg):
         # (start < total: pretrain._segments yields a 0-step segment for a finished run whose
         # total is not a multiple of steps_per_epoch, and fit(steps_per_epoch=0) never ends)
         segments = _segments(start, spe, total) if start < total else []
-        for first_epoch, num_epochs, steps in segments:
-            if guard.triggered or validation.early_stopped or steps <= 0:
-                break
-            h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
-                          epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                          callbacks=callbacks, verbose=cfg.verbose if chief else 0,
-                          shuffle=False)  # the reader shuffles (seeded, per epoch)
-            for k, v in h.history.items():
-                history.setdefault(k, []).extend(float(x) for x in v)
+        history = cb.fit_segments(
+            model, train_data, segments, callbacks, guard, lambda: state.latest,
+            verbose=cfg.verbose if chief else 0, should_stop=lambda: validation.early_stopped,
+            shard_check=lambda: reader.verify_shards(cfg.data_dir, cfg.train_split, info=info,
+                                                     parse=False))
     elapsed = time.time() - t0
-    if guard.triggered:
-        raise FloatingPointError(
-            f"non-finite loss at step {guard.step}; training stopped. The last good checkpoint "
-            f"is {state.latest or 'none (no checkpoint was saved before the failure)'}. "
-            "Lower the learning rate or check the input data.")
     final_step = int(model.optimizer.iterations.numpy())
     steps_run = final_step - start
     step_time = timer.steady_state()

@@ -179,28 +179,13 @@ def run_pretraining(cfg):
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(cfg.model_dir, "logs"),
                                                      update_freq="epoch", write_graph=False))
-    history = {}
     t0 = time.time()
-    for first_epoch, num_epochs, steps in _segments(start, spe, total):
-        if guard.triggered:
-            break
-        try:
-            h = model.fit(train_data(first_epoch), initial_epoch=first_epoch,
-                          epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                          callbacks=callbacks, verbose=cfg.verbose if chief else 0,
-                          shuffle=False)  # the reader shuffles (seeded, per epoch)
-        except tf.errors.DataLossError as e:
-            # TF names a byte offset, not the file: find the shard and name it.
-            reader.verify_shards(cfg.data_dir, cfg.train_split, info=info, parse=False)
-            raise e
-        for k, v in h.history.items():
-            history.setdefault(k, []).extend(float(x) for x in v)
+    shard_check = None if cfg.tfds_name else (
+        lambda: reader.verify_shards(cfg.data_dir, cfg.train_split, info=info, parse=False))
+    history = cb.fit_segments(model, train_data, _segments(start, spe, total), callbacks, guard,
+                              lambda: state.latest, verbose=cfg.verbose if chief else 0,
+                              shard_check=shard_check)
     elapsed = time.time() - t0
-    if guard.triggered:
-        raise FloatingPointError(
-            f"non-finite loss at step {guard.step}; training stopped. The last good checkpoint "
-            f"is {state.latest or 'none (no checkpoint was saved before the failure)'}. "
-            "Lower the learning rate or check the input data.")
     final_step = int(model.optimizer.iterations.numpy())
     steps_run = final_step - start
     step_time = timer.steady_state()
