@@ -35,8 +35,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["resnet18", "resnet50"], "Backbones.")
 flags.DEFINE_list("sizes", ["32", "64", "224"], "Image sizes (<= 64 px uses the small-image "
                   "stem: 3x3 stride-1 conv, no max-pool, as build_resnet does).")
-flags.DEFINE_list("batch_sizes", ["32:64", "64:32", "224:8"],
-                  "Global batch (pairs) per image size, SIZE:BATCH, or one number for all.")
+flags.DEFINE_list("batch_sizes", ["32:16", "64:8", "224:8"],
+                  "Global batches (pairs): SIZE:BATCH entries (repeat a size for several "
+                  "batches) and/or plain numbers applied to every size.")
 flags.DEFINE_list("precisions", ["fp32", "bf16"], "fp32 and/or bf16 (mixed_bfloat16 policy).")
 flags.DEFINE_list("jit", ["off", "on"], "model.compile(jit_compile=...) values: off/on.")
 flags.DEFINE_integer("steps", 8, "Timed steps (after warm-up).")
@@ -309,12 +310,20 @@ def main(argv):
         warmup = warmup if FLAGS["warmup"].present else 1
         pipe_window = pipe_window if FLAGS["pipeline_window_s"].present else 2.0
     if configs is None:
-        if len(batches) == 1 and ":" not in batches[0]:
-            bmap = {s: int(batches[0]) for s in sizes}
-        else:
-            bmap = _pairs(batches, int)
-        configs = [(b, s, bmap[s], p, j in ("on", "true", "1"))
-                   for b in backbones for s in sizes for p in precisions for j in jits]
+        bmap = {}  # size -> [batch, ...]; "B" applies to every size, "S:B" to size S
+        for v in batches:
+            if ":" in str(v):
+                k, _, b = str(v).partition(":")
+                bmap.setdefault(int(k), []).append(int(b))
+            else:
+                for s in sizes:
+                    bmap.setdefault(s, []).append(int(v))
+        missing = [s for s in sizes if s not in bmap]
+        if missing:
+            raise app.UsageError(f"--batch_sizes gives no batch for size(s) {missing}")
+        configs = [(b, s, bs, p, j in ("on", "true", "1"))
+                   for b in backbones for s in sizes for bs in bmap[s] for p in precisions
+                   for j in jits]
     records = []
     for backbone, size, batch, precision, jit in configs:
         cfg = {"backbone": backbone, "image_size": size, "batch_size": batch,
