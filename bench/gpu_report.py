@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--jsonl", required=True)
     ap.add_argument("--gpu_name", default=None, help="default: from the JSON lines")
     args = ap.parse_args(argv)
-    rows = []
+    rows, aug = [], []
     with open(args.jsonl) as f:
         for line in f:
             line = line.strip()
@@ -60,6 +60,8 @@ def main(argv=None):
                 rec = json.loads(line)
                 if rec.get("bench") == "train_step":
                     rows.append(rec)
+                elif rec.get("bench") == "gpu_augment":
+                    aug.append(rec)
     if not rows:
         print("# no train_step records in", args.jsonl)
         return 1
@@ -100,6 +102,24 @@ def main(argv=None):
               f"{f(mfu, '{:.1%}'):>6} {f(mfu41, '{:.1%}'):>7} {f(mfu_tf32, '{:.1%}'):>16} "
               f"{fig.get('first_step_s', 0):>6.1f} {f(fig.get('gpu_peak_mem_gb'), '{:.1f}'):>6}"
               f"  ok")
+    best = {}
+    for rec in rows:
+        c, fig = rec.get("config", {}), rec.get("figures", {})
+        if "ms_per_step" in fig and "error" not in rec:
+            key = (c.get("precision"), c.get("batch_size"))
+            best[key] = min(best.get(key, float("inf")), fig["ms_per_step"])
+    for rec in aug:
+        c, fig = rec["config"], rec.get("figures")
+        if not fig:
+            err = str(rec.get("error", "")).splitlines()[0][:200]
+            print(f"# post-crop augment on device (XLA {'on' if c['jit'] else 'off'}): {err}")
+            continue
+        steps = {p: v for (p, b), v in best.items() if b == c["batch_size"]}
+        rel = ", ".join(f"{100 * fig['ms_per_batch'] / v:.0f}% of the best {p} step "
+                        f"({v:.1f} ms)" for p, v in sorted(steps.items()))
+        print(f"# post-crop derm augment (2 views) on {c['device']}, batch {c['batch_size']}, "
+              f"XLA {'on' if c['jit'] else 'off'}: {fig['ms_per_batch']:.2f} ms/batch"
+              + (f" = {rel}" if rel else ""))
     gpu = args.gpu_name or ((rows[0].get("machine") or {}).get("gpus") or ["?"])[0]
     print(f"# GPU: {gpu}; peaks (dense TFLOP/s): {peaks_for(gpu)}; FLOPs per pair = "
           "2 views x 3 (fwd+bwd) x forward; forward = 8.2 GFLOPs (ResNet-50 @224, 2 x 4.1 GMACs)")

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput of the case-bag reader (`data_pipelines.reader.make_dataset`).
+r"""Input-pipeline throughput of the case-bag reader (`data_pipelines.reader.make_dataset`).
 
 Stages, each measured on the `train` split of a record set at one image size:
 

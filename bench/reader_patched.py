@@ -71,10 +71,15 @@ def _hue(x, d):
     return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
 
 
-def derm_batch_post(images, seed, strength=1.0, p_jitter=0.8, p_gray=0.2, p_blur=0.5):
+def derm_batch_post(images, seed, strength=1.0, p_jitter=0.8, p_gray=0.2, p_blur=0.5,
+                    static_shapes=False):
     """The derm preset after the crop, on a batch [B, S, S, 3]: flip -> colour jitter (p, per
     image random order, each op applied only to the images whose turn it is) -> grayscale (p)
-    -> Gaussian blur (p, sigma ~ U(0.1, 2)). One stateless seed per batch."""
+    -> Gaussian blur (p, sigma ~ U(0.1, 2)). One stateless seed per batch.
+
+    static_shapes=True computes every op on the whole batch and selects per image (4x the
+    jitter work, 2x the blur) instead of partitioning the batch: same result, no dynamic
+    shapes, so it compiles with XLA (GPU/TPU)."""
     b = tf.shape(images)[0]
     s = tf.unstack(tf.random.experimental.stateless_split(seed, 10))
     u = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform([b], s[i], lo, hi)  # noqa: E731
@@ -89,6 +94,11 @@ def derm_batch_post(images, seed, strength=1.0, p_jitter=0.8, p_gray=0.2, p_blur
     idx = tf.range(b)
     for i in range(4):
         which = tf.where(jitter, order[:, i], 4)  # 4: no colour op for this image this round
+        if static_shapes:
+            for k, op in enumerate(ops):
+                y = tf.clip_by_value(op(x, factors[k]), 0.0, 1.0)
+                x = tf.where(tf.equal(which, k)[:, None, None, None], y, x)
+            continue
         parts = tf.dynamic_partition(x, which, 5)
         ids = tf.dynamic_partition(idx, which, 5)
         outs = [tf.clip_by_value(op(parts[k], tf.gather(factors[k], ids[k])), 0.0, 1.0)
@@ -97,9 +107,15 @@ def derm_batch_post(images, seed, strength=1.0, p_jitter=0.8, p_gray=0.2, p_blur
     gray = tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3])
     x = tf.where((u(7) < p_gray)[:, None, None, None], gray, x)
     blur = tf.cast(u(8) < p_blur, tf.int32)
-    parts, ids = tf.dynamic_partition(x, blur, 2), tf.dynamic_partition(idx, blur, 2)
-    sig = tf.gather(u(9, 0.1, 2.0), ids[1])
-    x = tf.dynamic_stitch(ids, [parts[0], batch_gaussian_blur(parts[1], sig)])
+    if static_shapes:
+        x = tf.where((blur > 0)[:, None, None, None], batch_gaussian_blur(x, u(9, 0.1, 2.0)), x)
+    else:
+        parts, ids = tf.dynamic_partition(x, blur, 2), tf.dynamic_partition(idx, blur, 2)
+        sig = tf.gather(u(9, 0.1, 2.0), ids[1])
+        # REFLECT padding rejects an empty batch: skip the blur when no image drew it.
+        blurred = tf.cond(tf.size(ids[1]) > 0, lambda: batch_gaussian_blur(parts[1], sig),
+                          lambda: parts[1])
+        x = tf.dynamic_stitch(ids, [parts[0], blurred])
     x.set_shape(images.shape)
     return tf.clip_by_value(x, 0.0, 1.0)
 

@@ -1,4 +1,4 @@
-"""Steady-state throughput of the ContrastiveModel train step (SimCLR / MICLe pretraining).
+r"""Steady-state throughput of the ContrastiveModel train step (SimCLR / MICLe pretraining).
 
 For every configuration (backbone x image size x batch x precision x XLA) a fresh child
 process builds the model exactly as `micle_tf.training.pretrain` does (build_pretraining_model,
@@ -147,7 +147,7 @@ def run_child(cfg):
         logs = None
         for _ in range(n):
             logs = step(data)
-        return float(logs["loss"])  # host fetch: waits for the device
+        return float(logs["loss"]) if logs is not None else None  # host fetch: device sync
 
     t0 = time.perf_counter()
     loss0 = run(1)
