@@ -108,10 +108,10 @@ for cfg in "${CONFIGS[@]}"; do
     || log "$prec xla=$jit: no result (see above)"
 done
 
-# Optional extra (only with time to spare): the post-crop derm augmentation batched on the
-# device, i.e. what moving it off the host would add to each step (bench/README.md, part 5).
+# Optional extra (only with time to spare): the derm photometric ops batched on the device,
+# i.e. what --augment_placement=device adds to each step (bench/README.md, part 5).
 if [ "$(left)" -gt 45 ]; then
-  log "derm_batch_post on the device, batch $BATCH @ $SIZE (timeout $(( $(left) - 15 ))s)"
+  log "device-placed derm augmentation, batch $BATCH @ $SIZE (timeout $(( $(left) - 15 ))s)"
   timeout $(( $(left) - 15 )) "$PY" -m bench.gpu_augment --batch_size="$BATCH" \
     --image_size="$SIZE" --jsonl="$JSONL" | grep '^#' || log "gpu_augment: no result"
 fi

@@ -11,6 +11,10 @@ Stages, each measured on the `train` split of a record set at one image size:
   simclr_noaug  make_dataset(mode="simclr", augment_fn=None): 1 decode + 2 resizes per pair.
   micle_noaug   make_dataset(mode="micle", augment_fn=None): 2 decodes + 2 resizes per pair.
   simclr/micle  make_dataset(mode, augment_fn=build_augment(preset, size)): the training input.
+  *_cached      the same with make_dataset(cache_decoded=True): decoded cases kept in memory.
+  *_device      the same with build_augment(..., placement="device"): the host's share when
+                colour jitter, grayscale and blur run on the accelerator (crop + flip here).
+  (suffixes combine: micle_cached_device)
 
 Units: `examples_per_s` is batch elements per second: pairs (view1, view2) in the contrastive
 modes -- the unit the train step consumes, and what `images/s` means in pretrain summaries --
@@ -41,7 +45,8 @@ def define_flags():
                       "DATA@IMAGE_SIZE pairs. DATA: ph2 (32x32 PNG patches, 20 per lesion), "
                       "synth64 / synth256 (random JPEG bags of 1-6 images stored at 64 / 256 px).")
     flags.DEFINE_list("stages", ["raw", "parse", "decode", "simclr_noaug", "micle_noaug", "simclr",
-                                 "micle"], "Stages to measure (see the module docstring).")
+                                 "micle", "simclr_cached", "micle_cached", "simclr_device",
+                                 "micle_device"], "Stages to measure (see the module docstring).")
     flags.DEFINE_list("num_parallel_calls", ["autotune"],
                       "Values of make_dataset(num_parallel_calls=...): integers or 'autotune'.")
     flags.DEFINE_integer("batch_size", 64, "Batch size (examples per batch).")
@@ -53,7 +58,7 @@ def define_flags():
     flags.DEFINE_float("warmup_s", 2.0, "Seconds of warm-up (shuffle-buffer fill, autotune) "
                        "before timing; at least 2 batches.")
     flags.DEFINE_bool("quick", False, "Short run: ph2@32, synth64@64, synth256@224; stages raw, "
-                      "decode, simclr, micle; 3 windows of 2 s.")
+                      "decode, simclr, micle, micle_cached, micle_device; 3 windows of 2 s.")
     flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
     flags.DEFINE_string("data_root", common.DEFAULT_DATA_ROOT, "Where records are written/reused.")
 
@@ -105,14 +110,17 @@ def build_stage(stage, data_dir, image_size, batch_size, npc, augment="derm", re
                                  training=False, drop_remainder=True, num_parallel_calls=npc,
                                  info=info).repeat()
         return ds, "batches"
-    mode, _, suffix = stage.partition("_")
-    if mode not in CONTRASTIVE or suffix not in ("", "noaug"):
+    mode, *options = stage.split("_")
+    if mode not in CONTRASTIVE or not set(options) <= {"noaug", "cached", "device"} or (
+            "noaug" in options and "device" in options):
         raise ValueError(f"unknown stage {stage!r}")
     fn = None
-    if suffix != "noaug":
-        fn = augment_fn or build_augment(augment, image_size)
+    if "noaug" not in options:
+        fn = augment_fn or build_augment(augment, image_size,
+                                         "device" if "device" in options else "host")
+    extra = {"cache_decoded": True} if "cached" in options else {}
     ds = reader.make_dataset(data_dir, "train", mode, batch_size, image_size, augment_fn=fn,
-                             training=True, num_parallel_calls=npc, info=info)
+                             training=True, num_parallel_calls=npc, info=info, **extra)
     return ds, "batches"
 
 
@@ -214,7 +222,8 @@ def measure(data, image_size, stage, npc_value="autotune", batch_size=64, augmen
     figures["peak_rss_mb"] = common.peak_rss_mb()
     config = {"data": data, "stored_px": stored_px, "format": fmt, "image_size": image_size,
               "stage": stage, "variant": variant or "baseline",
-              "augment": augment if stage in CONTRASTIVE else None,
+              "augment": augment if (stage.split("_")[0] in CONTRASTIVE
+                                     and "noaug" not in stage) else None,
               "batch_size": batch_size if kind == "batches" else None,
               "num_parallel_calls": npc_name, "mean_images_per_case": round(mean_bag, 2),
               "train_cases": split["cases"]}
@@ -257,6 +266,14 @@ def ratios(records):
             row[f"{m}_pairs_s"] = aug
             row[f"{m}_vs_noaug"] = aug / noaug if aug and noaug else None
             row[f"{m}_decoded_vs_ceiling"] = (st[m]["decoded_per_s"] / dec) if aug and dec else None
+            for option in ("cached", "device"):  # optimisation / baseline: wall and CPU
+                new = st.get(f"{m}_{option}", {})
+                row[f"{m}_{option}_speedup"] = (new["examples_per_s"] / aug
+                                                if aug and new.get("examples_per_s") else None)
+                base_cpu, new_cpu = (st.get(m, {}).get("cpu_ms_per_example"),
+                                     new.get("cpu_ms_per_example"))
+                row[f"{m}_{option}_cpu_ratio"] = (base_cpu / new_cpu
+                                                  if base_cpu and new_cpu else None)
         out.append(row)
     return out
 
@@ -295,6 +312,14 @@ def print_summary(records):
             ("micle dec/ceil", "micle_decoded_vs_ceiling", "{:.2f}")],
             title="\n# ratios (x/noaug: cost of augmentation; dec/ceil: images decoded per "
                   "second in that mode / decode-only ceiling)"))
+        opt_cols = [("data", "data", None), ("size", "image_size", None)]
+        for m in CONTRASTIVE:
+            for option in ("cached", "device"):
+                opt_cols += [(f"{m}_{option} x wall", f"{m}_{option}_speedup", "{:.2f}"),
+                             (f"{m}_{option} x cpu", f"{m}_{option}_cpu_ratio", "{:.2f}")]
+        if any(r[key] for r in rr for _, key, _ in opt_cols[2:]):
+            print(common.table(rr, opt_cols, title="\n# optimisations vs the default reader "
+                                                   "(pairs/s ratio; CPU ms/pair ratio, base/new)"))
     sys.stdout.flush()
 
 
@@ -307,7 +332,7 @@ def main(argv):
         if not FLAGS["configs"].present:
             configs = ["ph2@32", "synth64@64", "synth256@224"]
         if not FLAGS["stages"].present:
-            stages = ["raw", "decode", "simclr", "micle"]
+            stages = ["raw", "decode", "simclr", "micle", "micle_cached", "micle_device"]
         if not FLAGS["repeats"].present:
             repeats = 3
         if not FLAGS["window_s"].present:

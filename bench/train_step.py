@@ -40,6 +40,10 @@ flags.DEFINE_list("batch_sizes", ["32:16", "64:8", "224:8"],
                   "batches) and/or plain numbers applied to every size.")
 flags.DEFINE_list("precisions", ["fp32", "bf16"], "fp32 and/or bf16 (mixed_bfloat16 policy).")
 flags.DEFINE_list("jit", ["off", "on"], "model.compile(jit_compile=...) values: off/on.")
+flags.DEFINE_list("device_augment", ["off"], "off and/or an augmentation preset (derm, cxr): "
+                  "the train step also runs that preset's photometric ops on the batch "
+                  "(--augment_placement=device), with params drawn per view.")
+flags.DEFINE_float("width_multiplier", 1.0, "ResNet width multiplier (the demo uses 0.25).")
 flags.DEFINE_integer("steps", 8, "Timed steps (after warm-up).")
 flags.DEFINE_integer("window", 1, "Steps per timed window (sync once per window); the median "
                      "window gives ms/step. Use >1 on GPUs.")
@@ -116,8 +120,13 @@ def run_child(cfg):
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if cfg["precision"] == "bf16" else "float32")
     size, batch = cfg["image_size"], cfg["batch_size"]
-    pcfg = PretrainConfig(model=ModelConfig(backbone=cfg["backbone"], image_size=size),
-                          batch_size=batch, optimizer=cfg["optimizer"])
+    wm = cfg.get("width_multiplier", 1.0)
+    device_augment = cfg.get("device_augment")
+    pcfg = PretrainConfig(model=ModelConfig(backbone=cfg["backbone"], image_size=size,
+                                            width_multiplier=int(wm) if wm == int(wm) else wm),
+                          batch_size=batch, optimizer=cfg["optimizer"],
+                          augment=device_augment or "derm",
+                          augment_placement="device" if device_augment else "host")
     t0 = time.perf_counter()
     model = build_pretraining_model(pcfg, num_classes=cfg["probe_classes"], task="multiclass")
     schedule = WarmupCosineDecay(scale_learning_rate(pcfg.learning_rate, batch, "linear"),
@@ -135,6 +144,12 @@ def run_child(cfg):
                 "view2": tf.identity(rng.uniform(size=(batch, size, size, 3)).astype("float32")),
                 "label": tf.identity(rng.integers(0, max(cfg["probe_classes"], 1),
                                                   size=(batch,)).astype("int32"))}
+        if device_augment:  # per-view draws, as the reader makes them
+            from micle_tf.augment import post_crop
+            post = post_crop(device_augment)
+            for k, view in enumerate(("view1", "view2")):
+                data[f"{view}_augment_params"] = tf.identity(tf.stack(
+                    [post.draw(tf.constant([k, i], tf.int64)) for i in range(batch)]))
 
     # What Keras' fit runs per step (backend/tensorflow/trainer.py, one_step_on_data).
     @tf.autograph.experimental.do_not_convert
@@ -263,6 +278,8 @@ def summary_table(records, ratios):
             ("batch", lambda r: r["config"]["batch_size"], None),
             ("prec", lambda r: r["config"]["precision"], None),
             ("xla", lambda r: "on" if r["config"]["jit"] else "off", None),
+            ("width", lambda r: r["config"].get("width_multiplier", 1.0), None),
+            ("dev aug", lambda r: r["config"].get("device_augment") or "-", None),
             ("ms/step", lambda r: r["figures"]["ms_per_step"], "{:.0f}"),
             ("min..max", lambda r: "{:.0f}..{:.0f}".format(r["figures"]["ms_per_step_min"],
                                                          r["figures"]["ms_per_step_max"]), None),
@@ -306,6 +323,7 @@ def main(argv):
         # bf16 without XLA is ~10x slower than fp32 on a CPU without bf16 instructions.
         configs = [("resnet18", 32, 4, "fp32", False), ("resnet18", 32, 4, "fp32", True),
                    ("resnet18", 32, 4, "bf16", False), ("resnet50", 64, 4, "fp32", False)]
+        configs = [c + (None,) for c in configs]
         steps = steps if FLAGS["steps"].present else 3
         warmup = warmup if FLAGS["warmup"].present else 1
         pipe_window = pipe_window if FLAGS["pipeline_window_s"].present else 2.0
@@ -321,13 +339,14 @@ def main(argv):
         missing = [s for s in sizes if s not in bmap]
         if missing:
             raise app.UsageError(f"--batch_sizes gives no batch for size(s) {missing}")
-        configs = [(b, s, bs, p, j in ("on", "true", "1"))
+        configs = [(b, s, bs, p, j in ("on", "true", "1"), None if da == "off" else da)
                    for b in backbones for s in sizes for bs in bmap[s] for p in precisions
-                   for j in jits]
+                   for j in jits for da in FLAGS.device_augment]
     records = []
-    for backbone, size, batch, precision, jit in configs:
+    for backbone, size, batch, precision, jit, device_augment in configs:
         cfg = {"backbone": backbone, "image_size": size, "batch_size": batch,
                "precision": precision, "jit": jit, "steps": steps,
+               "device_augment": device_augment, "width_multiplier": FLAGS.width_multiplier,
                "window": FLAGS.window, "warmup": warmup, "max_timed_s": FLAGS.max_timed_s,
                "probe_classes": FLAGS.probe_classes, "optimizer": FLAGS.optimizer,
                "flops": FLAGS.flops, "data_root": FLAGS.data_root}

@@ -18,13 +18,48 @@ def decode_image(encoded):
     Greyscale is tiled to RGB; an alpha channel is dropped. 16-bit PNGs keep their precision
     (tf.io.decode_image decodes PNG as uint16 whenever the requested dtype is not uint8)."""
     image = tf.io.decode_image(encoded, channels=0, dtype=tf.float32, expand_animations=False)
-    channels = tf.shape(image)[-1]
-    image = tf.case(
-        [(tf.equal(channels, 1), lambda: tf.tile(image, [1, 1, 3])),
-         (tf.equal(channels, 2), lambda: tf.tile(image[..., :1], [1, 1, 3]))],
-        default=lambda: image[..., :3])
+    return tf.clip_by_value(_to_rgb(image), 0.0, 1.0)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _to_rgb(image):
+    """[H, W, C] with C in 1..4 -> [H, W, 3]: grey tiled, alpha dropped."""
+    rgb = tf.where(tf.shape(image)[-1] >= 3, tf.constant([0, 1, 2]), tf.constant([0, 0, 0]))
+    image = tf.gather(image, rgb, axis=-1)  # gather: any dtype (Tile has no uint16 kernel)
     image.set_shape([None, None, 3])
-    return tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
+def decode_to_pixels(encoded):
+    """Image bytes -> (pixels, shape, is_16bit): the image's own integer samples as a flat
+    uint8 vector (16-bit PNGs as their uint16 samples bitcast to byte pairs), [H, W, 3], and
+    whether it is 16-bit. The compact in-memory form of `reader`'s decoded-case cache;
+    `pixels_to_float` inverts it to what `decode_image` returns."""
+    is_16bit = tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE),
+                              tf.equal(tf.strings.substr(encoded, 24, 1), b"\x10"))
+
+    def sixteen():
+        image = _to_rgb(tf.io.decode_png(encoded, channels=0, dtype=tf.uint16))
+        return tf.reshape(tf.bitcast(image, tf.uint8), [-1]), tf.shape(image)
+
+    def eight():
+        image = _to_rgb(tf.io.decode_image(encoded, channels=0, dtype=tf.uint8,
+                                           expand_animations=False))
+        return tf.reshape(image, [-1]), tf.shape(image)
+
+    pixels, shape = tf.cond(is_16bit, sixteen, eight)
+    return pixels, shape, is_16bit
+
+
+def pixels_to_float(pixels, shape, is_16bit):
+    """Inverse of `decode_to_pixels`: float32 [H, W, 3] in [0, 1], as `decode_image`."""
+    return tf.cond(
+        is_16bit,
+        lambda: tf.image.convert_image_dtype(
+            tf.bitcast(tf.reshape(pixels, tf.concat([shape, [2]], 0)), tf.uint16), tf.float32),
+        lambda: tf.image.convert_image_dtype(tf.reshape(pixels, shape), tf.float32))
 
 
 def resize_image(image, size):

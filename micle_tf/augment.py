@@ -12,6 +12,11 @@ Presets (``build_augment(preset, image_size)`` -> ``fn(image, seed)``):
   rotation (+-15 deg); no colour changes (colour can carry diagnostic signal).
 * ``"none"``     ``resize_for_eval`` only; the seed is ignored.
 
+Every preset is a random resized crop followed by `PostCrop` ops whose random draws are made
+explicit (a small float vector per view). With ``placement="device"`` the input pipeline only
+crops and draws; the batched ops run on the accelerator in the train step (at 224 px the
+post-crop ops are ~2/3 of the host's CPU time per view; see bench/README.md).
+
 Input: float32 ``[H, W, 3]`` in [0, 1]; H and W may be dynamic. Integer images are
 converted with ``tf.image.convert_image_dtype`` and a statically 1-channel image is
 tiled to 3 channels. Output: float32 ``[size, size, 3]`` in [0, 1] with a static shape.
@@ -240,6 +245,192 @@ def random_gaussian_blur(image, seed, p=0.5, sigma_range=(0.1, 2.0), kernel_size
     return _random_apply(_blur, p, _as_image(image), seed)
 
 
+# ----------------------------------------------------------------------------- post-crop ops
+_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+class PostCrop:
+    """The ops of a preset after the crop, with their random draws made explicit.
+
+    ``draw(seed)`` makes every random choice of one view (flip, angle, jitter on/off, factors,
+    op order, grayscale, blur sigma) as a float32 vector of ``num_params``; ``apply(image,
+    params)`` applies them to one image with TF's fused per-image kernels (the host path) and
+    ``apply_photometric_batch(images, params)`` applies the photometric part to a batch with
+    plain batched ops that compile under XLA (the accelerator path, ``placement="device"``). Both give the same image for the same
+    params (to float rounding), so moving the work to the accelerator keeps the augmentation
+    distribution and the determinism contract: the draws still come from each element's seed.
+
+    Order: flip -> rotation -> colour jitter (random order, clip after each op) -> grayscale
+    -> Gaussian blur, each with its probability. The geometric ops (flip, rotation) always
+    run on the host, with the crop; the photometric ones (jitter, grayscale, blur) are what
+    `placement="device"` moves to the accelerator.
+    """
+
+    def __init__(self, flip=True, max_degrees=0.0, jitter_strength=0.0, jitter_p=0.0,
+                 hue=True, saturation=True, gray_p=0.0, blur_p=0.0, sigma_range=(0.1, 2.0)):
+        self.flip, self.max_degrees = bool(flip), float(max_degrees)
+        s = float(jitter_strength)
+        ranges = {"brightness": (max(1.0 - 0.8 * s, 0.0), 1.0 + 0.8 * s),
+                  "contrast": (max(1.0 - 0.8 * s, 0.0), 1.0 + 0.8 * s),
+                  "saturation": (max(1.0 - 0.8 * s, 0.0), 1.0 + 0.8 * s),
+                  "hue": (-min(0.2 * s, 0.5), min(0.2 * s, 0.5))}
+        enabled = {"brightness": s > 0, "contrast": s > 0, "saturation": saturation and s > 0,
+                   "hue": hue and s > 0}
+        self.jitter_ops = tuple(op for op in _JITTER_OPS if enabled[op]) if jitter_p > 0 else ()
+        self.jitter_ranges = [ranges[op] for op in self.jitter_ops]
+        self.jitter_p, self.gray_p, self.blur_p = float(jitter_p), float(gray_p), float(blur_p)
+        self.sigma_range = tuple(float(v) for v in sigma_range)
+        names = ["flip", "angle", "jitter"] + [f"factor_{op}" for op in self.jitter_ops]
+        names += [f"order_{i}" for i in range(len(self.jitter_ops))]
+        names += ["gray", "blur", "sigma"]
+        self.param_names = tuple(names)
+        self.num_params = len(names)
+
+    def _index(self, name):
+        return self.param_names.index(name)
+
+    # -- host: the random draws
+    def draw(self, seed):
+        """float32 [num_params]: every random choice of one view, from one stateless seed."""
+        s = _split(seed, 8)
+        u = lambda i, n=None, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
+            [] if n is None else [n], s[i], lo, hi)
+        coin = lambda i, p: tf.cast(u(i) < p, tf.float32)  # noqa: E731
+        values = [coin(0, 0.5) if self.flip else tf.constant(0.0),
+                  u(1, lo=-self.max_degrees, hi=self.max_degrees) if self.max_degrees
+                  else tf.constant(0.0),
+                  coin(2, self.jitter_p)]
+        n = len(self.jitter_ops)
+        if n:
+            draws = u(3, n)  # one U(0,1) per op, mapped onto its range
+            lo = tf.constant([r[0] for r in self.jitter_ranges])
+            hi = tf.constant([r[1] for r in self.jitter_ranges])
+            values += tf.unstack(lo + (hi - lo) * draws)
+            values += tf.unstack(tf.cast(tf.argsort(u(4, n)), tf.float32))
+        values += [coin(5, self.gray_p), coin(6, self.blur_p),
+                   u(7, lo=self.sigma_range[0], hi=self.sigma_range[1])]
+        return tf.stack(values)
+
+    # -- host: one image, fused kernels
+    def apply_geometric(self, image, params):
+        """Flip and rotation of one [H, W, 3] image (these always run on the host)."""
+        p = lambda name: params[self._index(name)]  # noqa: E731
+        x = _as_image(image)
+        if self.flip:
+            x = tf.cond(p("flip") > 0.5, lambda: tf.reverse(x, [1]), lambda: x)
+        if self.max_degrees:
+            x = rotate(x, p("angle"))
+        return x
+
+    def apply_photometric(self, image, params):
+        """Colour jitter, grayscale and blur of one [H, W, 3] image, fused per-image kernels."""
+        p = lambda name: params[self._index(name)]  # noqa: E731
+        x = _as_image(image)
+        if self.jitter_ops:
+            def jitter(y):
+                kernels = {"brightness": lambda z, f: z * f,
+                           "contrast": tf.image.adjust_contrast,
+                           "saturation": tf.image.adjust_saturation,
+                           "hue": tf.image.adjust_hue}
+                branches = [lambda z, op=op: kernels[op](z, p(f"factor_{op}"))
+                            for op in self.jitter_ops]
+                for i in range(len(self.jitter_ops)):
+                    k = tf.cast(p(f"order_{i}"), tf.int32)
+                    y = tf.clip_by_value(
+                        tf.switch_case(k, [lambda b=b, y=y: b(y) for b in branches]), 0.0, 1.0)
+                return y
+            x = tf.cond(p("jitter") > 0.5, lambda: jitter(x), lambda: x)
+        if self.gray_p:
+            x = tf.cond(p("gray") > 0.5, lambda: to_grayscale(x), lambda: x)
+        if self.blur_p:
+            x = tf.cond(p("blur") > 0.5, lambda: gaussian_blur(x, p("sigma")), lambda: x)
+        return x
+
+    def apply(self, image, params):
+        """Applies one view's params to one float32 [H, W, 3] image (the host path)."""
+        return self.apply_photometric(self.apply_geometric(image, params), params)
+
+    @property
+    def has_photometric(self):
+        return bool(self.jitter_ops or self.gray_p or self.blur_p)
+
+    # -- accelerator: a batch, batched ops, static shapes
+    def apply_photometric_batch(self, images, params):
+        """`apply_photometric` for a batch [B, S, S, 3] with per-view params [B, num_params]
+        (the accelerator path; flip and rotation were applied on the host).
+
+        Every op runs on the whole batch and `tf.where` keeps it where the view drew it (no
+        data-dependent shapes, so it compiles under XLA); a colour-jitter round does one
+        brightness/contrast affine map and one HSV round trip for saturation/hue, whichever
+        op each view drew for that round."""
+        x = tf.convert_to_tensor(images, tf.float32)
+        params = tf.convert_to_tensor(params, tf.float32)
+        col = lambda name: params[:, self._index(name)]  # noqa: E731
+        per_image = lambda v: v[:, tf.newaxis, tf.newaxis, tf.newaxis]  # noqa: E731
+        on = lambda name: per_image(col(name) > 0.5)  # noqa: E731
+        if self.jitter_ops:
+            jitter_on = col("jitter") > 0.5
+            for i in range(len(self.jitter_ops)):
+                which = tf.cast(col(f"order_{i}"), tf.int32)
+                factor = {op: tf.where(jitter_on & tf.equal(which, k), col(f"factor_{op}"),
+                                       1.0 if op != "hue" else 0.0)
+                          for k, op in enumerate(self.jitter_ops)}
+                one = tf.ones_like(col("jitter"))
+                # brightness: f*x; contrast: f*x + (1-f)*mean; both are identity at f = 1.
+                contrast = factor.get("contrast", one)
+                scale = factor.get("brightness", one) * contrast
+                mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+                y = per_image(scale) * x + per_image(1.0 - contrast) * mean
+                if "saturation" in factor or "hue" in factor:
+                    hsv_op = tf.zeros_like(jitter_on)
+                    for k, op in enumerate(self.jitter_ops):
+                        if op in ("saturation", "hue"):
+                            hsv_op |= jitter_on & tf.equal(which, k)
+                    y = tf.where(per_image(hsv_op),
+                                 _adjust_hsv_batch(y, factor.get("saturation"),
+                                                   factor.get("hue")), y)
+                x = tf.clip_by_value(y, 0.0, 1.0)
+        if self.gray_p:
+            x = tf.where(on("gray"), tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]), x)
+        if self.blur_p:
+            x = tf.where(on("blur"), _gaussian_blur_batch(x, col("sigma")), x)
+        x = tf.clip_by_value(x, 0.0, 1.0)
+        x.set_shape(images.shape)
+        return x
+
+
+def _adjust_hsv_batch(images, saturation=None, hue=None):
+    """Per-image saturation factor / hue shift via one HSV round trip (what the fused
+    AdjustSaturation / AdjustHue kernels do per image)."""
+    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    if saturation is not None:
+        s = tf.clip_by_value(s * saturation[:, tf.newaxis, tf.newaxis], 0.0, 1.0)
+    if hue is not None:
+        h = tf.math.floormod(h + hue[:, tf.newaxis, tf.newaxis], 1.0)
+    return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
+
+
+def _gaussian_blur_batch(images, sigmas):
+    """`gaussian_blur` for a batch with one sigma per image (same kernel-size rule)."""
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    radius = (tf.minimum(h, w) // 10) // 2
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernels = tf.exp(-tf.square(x)[tf.newaxis] / (2.0 * tf.square(sigmas)[:, tf.newaxis]))
+    kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)
+
+    def bands(n):  # [B, n + 2r, n] banded matrices, one per image
+        offset = tf.range(n + 2 * radius)[:, tf.newaxis] - tf.range(n)[tf.newaxis, :]
+        inside = (offset >= 0) & (offset <= 2 * radius)
+        taps = tf.gather(kernels, tf.clip_by_value(offset, 0, 2 * radius), axis=1)
+        return tf.where(inside[tf.newaxis], taps, 0.0)
+
+    padded = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                    mode="REFLECT")
+    out = tf.einsum("bhwc,bwv->bhvc", padded, bands(w))
+    return tf.einsum("bhwc,bhv->bvwc", out, bands(h))
+
+
 # ----------------------------------------------------------------------------- eval / presets
 def resize_for_eval(image, size):
     """Deterministic bilinear (antialiased) resize to size x size.
@@ -252,40 +443,70 @@ def resize_for_eval(image, size):
     return _finish(out, size)
 
 
-def build_augment(preset, image_size):
-    """Returns ``fn(image, seed) -> float32 [image_size, image_size, 3]`` for ``preset``."""
+# preset -> (crop area range, the ops after the crop)
+_PRESETS = {
+    "derm": ((0.08, 1.0), dict(flip=True, jitter_strength=1.0, jitter_p=0.8, gray_p=0.2,
+                               blur_p=0.5)),
+    "cxr": ((0.08, 1.0), dict(flip=True, max_degrees=20.0, jitter_strength=0.5, jitter_p=0.8,
+                              hue=False, saturation=False)),
+    "finetune": (_FINETUNE_AREA_RANGE, dict(flip=True, max_degrees=15.0)),
+}
+PLACEMENTS = ("host", "device")
+
+
+def post_crop(preset):
+    """The `PostCrop` ops of a preset (everything after its random resized crop)."""
+    if preset not in _PRESETS:
+        raise ValueError(f"Unknown augmentation preset {preset!r}"
+                         + ("" if preset == "none" else f"; valid: {', '.join(PRESETS)}"))
+    return PostCrop(**_PRESETS[preset][1])
+
+
+def build_augment(preset, image_size, placement="host"):
+    """Returns the per-view augmentation ``fn(image, seed)`` of ``preset``.
+
+    placement="host" (default): ``fn -> float32 [image_size, image_size, 3]``, the whole
+    augmentation per image (in tf.data). placement="device": ``fn -> (view, params)``: only
+    the crop and the geometric ops (flip, rotation) run per image; ``params`` (float32
+    [num_params]) holds the draws for the photometric rest, which
+    `post_crop(preset).apply_photometric_batch` applies to the batch on the accelerator
+    (`ContrastiveModel(device_augment=preset)` does it in its train step). Same seed -> same
+    view either way, to float rounding. Presets without photometric ops (finetune, none)
+    have nothing to move and reject "device".
+    """
     size = int(image_size)
     if size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if preset == "none":
+        if placement == "device":
+            raise ValueError("preset 'none' has nothing to run on the device")
 
-    if preset == "derm":
-        def fn(image, seed):
-            s = _split(seed, 5)
-            x = random_resized_crop(image, s[0], size, area_range=(0.08, 1.0))
-            x = random_flip(x, s[1])
-            x = color_jitter(x, s[2], strength=1.0, p=0.8)
-            x = random_grayscale(x, s[3], p=0.2)
-            x = random_gaussian_blur(x, s[4], p=0.5)
-            return _finish(x, size)
-    elif preset == "cxr":
-        def fn(image, seed):
-            s = _split(seed, 4)
-            x = random_resized_crop(image, s[0], size, area_range=(0.08, 1.0))
-            x = random_flip(x, s[1])
-            x = random_rotation(x, s[2], 20.0)
-            x = color_jitter(x, s[3], strength=0.5, p=0.8, hue=False, saturation=False)
-            return _finish(x, size)
-    elif preset == "finetune":
-        def fn(image, seed):
-            s = _split(seed, 3)
-            x = random_resized_crop(image, s[0], size, area_range=_FINETUNE_AREA_RANGE)
-            x = random_flip(x, s[1])
-            x = random_rotation(x, s[2], 15.0)
-            return _finish(x, size)
-    elif preset == "none":
-        def fn(image, seed=None):
+        def resize_only(image, seed=None):
             del seed
             return resize_for_eval(image, size)
-    else:
+        return resize_only
+    if preset not in _PRESETS:
         raise ValueError(f"Unknown augmentation preset {preset!r}; valid: {', '.join(PRESETS)}")
+    area_range, _ = _PRESETS[preset]
+    post = post_crop(preset)
+
+    def crop_and_draw(image, seed):
+        crop_seed, post_seed = _split(seed, 2)
+        crop = random_resized_crop(image, crop_seed, size, area_range=area_range)
+        return crop, post.draw(post_seed)
+
+    if placement == "device":
+        if not post.has_photometric:
+            raise ValueError(f"preset {preset!r} has no photometric ops to run on the device")
+
+        def crop_geometric_and_draw(image, seed):
+            crop, params = crop_and_draw(image, seed)
+            return _finish(post.apply_geometric(crop, params), size), params
+        return crop_geometric_and_draw
+
+    def fn(image, seed):
+        crop, params = crop_and_draw(image, seed)
+        return _finish(post.apply(crop, params), size)
     return fn

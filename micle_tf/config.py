@@ -48,6 +48,7 @@ class TrainConfig:
     strategy: str = "default"
     tpu: Optional[str] = None
     mixed_precision: Optional[str] = None  # None | "bfloat16" | "float16"
+    cache_decoded: bool = False  # keep decoded training cases in RAM (small data sets)
     seed: int = 0
     keep_checkpoints: int = 3
     verbose: int = 1
@@ -61,6 +62,9 @@ class PretrainConfig(TrainConfig):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     temperature: float = 0.1
     augment: str = "derm"
+    # "device": the input pipeline crops/flips/rotates and draws the rest; colour jitter,
+    # grayscale and blur run batched in the train step (GPU/TPU hosts short of CPU).
+    augment_placement: str = "host"
     init_checkpoint: Optional[str] = None  # encoder weights to start from (stage 2)
     linear_probe: bool = True  # online probe when the train split has labels
     knn_monitor: bool = True  # kNN accuracy + same-case retrieval on eval_split per epoch

@@ -118,7 +118,7 @@ def pretrain(workdir, records, start, method, s):
         method=method, data_dir=records, model_dir=model_dir, model=_model_cfg(s),
         batch_size=s.pretrain_batch_size, train_steps=s.pretrain_steps,
         steps_per_epoch=s.pretrain_steps_per_epoch, learning_rate=s.pretrain_learning_rate, warmup_epochs=1, temperature=s.temperature,
-        init_checkpoint=start, seed=s.seed, verbose=2, knn_monitor=True)
+        init_checkpoint=start, seed=s.seed, verbose=2, knn_monitor=True, cache_decoded=True)
     return model_dir, run_pretraining(cfg)
 
 
@@ -257,7 +257,7 @@ def run_demo(workdir, s):
     base = config_lib.FinetuneConfig(
         model=_model_cfg(s), batch_size=s.finetune_batch_size, train_steps=s.finetune_steps,
         learning_rate=s.finetune_learning_rate, warmup_epochs=0, weight_decay=0.0,
-        optimizer="lars", verbose=0)
+        optimizer="lars", verbose=0, cache_decoded=True)
     inits = {"none": "none", "simclr": pretrained["simclr"][0],
              "micle": pretrained["micle"][0]}
     sweep = run_sweep(records, inits, s.fractions, s.seeds, base, os.path.join(workdir, "sweep"),

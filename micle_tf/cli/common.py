@@ -45,6 +45,9 @@ def define_train_flags(batch_size=256, learning_rate=0.3, epochs=100, optimizer=
     flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16"],
                       "Mixed-precision compute (float32 variables).")
     flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+    flags.DEFINE_bool("cache_decoded", False, "Decode the training images once and keep them "
+                      "in memory (H*W*3 bytes per image): later epochs skip reading and "
+                      "decoding. For data sets that fit in RAM.")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in model_dir.")
     flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 progress bar, 2 one line "
                          "per epoch.")
@@ -62,7 +65,7 @@ def train_kwargs_from_flags():
     names = ["data_dir", "model_dir", "batch_size", "train_epochs", "train_steps",
              "steps_per_epoch", "learning_rate", "learning_rate_scaling", "warmup_epochs",
              "weight_decay", "optimizer", "momentum", "strategy", "tpu", "mixed_precision",
-             "seed", "keep_checkpoints", "verbose"]
+             "seed", "keep_checkpoints", "verbose", "cache_decoded"]
     return {n: getattr(FLAGS, n) for n in names}
 
 

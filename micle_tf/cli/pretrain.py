@@ -22,6 +22,10 @@ common.define_model_flags()
 common.define_train_flags()
 flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
 flags.DEFINE_enum("augment", "derm", ["derm", "cxr", "finetune", "none"], "Augmentation preset.")
+flags.DEFINE_enum("augment_placement", "host", ["host", "device"], "Where the photometric "
+                  "augmentation (colour jitter, grayscale, blur) runs: in the input pipeline "
+                  "(host) or batched at the start of the train step on the accelerator (device; "
+                  "for GPU/TPU hosts whose CPUs cannot keep up, see bench/README.md).")
 flags.DEFINE_string("init_checkpoint", None, "Encoder weights to start from: a model_dir, a "
                     "checkpoint prefix, or imagenet_simclr:PATH.")
 flags.DEFINE_bool("linear_probe", True, "Online linear probe on stop-gradient features.")
@@ -41,6 +45,7 @@ def main(argv):
     cfg = config_lib.PretrainConfig(
         method=FLAGS.method, model=common.model_config_from_flags(),
         temperature=FLAGS.temperature, augment=FLAGS.augment,
+        augment_placement=FLAGS.augment_placement,
         init_checkpoint=FLAGS.init_checkpoint, linear_probe=FLAGS.linear_probe,
         knn_monitor=FLAGS.knn_monitor, tfds_name=FLAGS.tfds_name,
         tfds_data_dir=FLAGS.tfds_data_dir, **common.train_kwargs_from_flags())

@@ -12,6 +12,7 @@ the batch: it measures the representation during pretraining without shaping it.
 import keras
 import tensorflow as tf
 
+from micle_tf import augment
 from micle_tf.losses import nt_xent_loss
 
 
@@ -46,10 +47,15 @@ class ContrastiveModel(keras.Model):
       method: "simclr" or "micle" — recorded in the config (the data decides the pairs).
       num_classes: size of the online linear probe; 0 disables it.
       task: "multiclass" or "multilabel" (probe loss).
+      device_augment: an augmentation preset whose photometric ops (colour jitter, grayscale,
+        blur) run here, batched, at the start of the train step, with the per-view draws the
+        input pipeline put in "view1_augment_params"/"view2_augment_params"
+        (`augment.build_augment(preset, size, placement="device")`). None: the pipeline did
+        the whole augmentation.
     """
 
     def __init__(self, encoder, projection_head, temperature=0.1, method="simclr",
-                 num_classes=0, task="multiclass", **kwargs):
+                 num_classes=0, task="multiclass", device_augment=None, **kwargs):
         super().__init__(**kwargs)
         if method not in ("simclr", "micle"):
             raise ValueError(f"unknown pretraining method {method!r}")
@@ -59,6 +65,8 @@ class ContrastiveModel(keras.Model):
         self.method = method
         self.num_classes = int(num_classes)
         self.task = task
+        self.device_augment = device_augment
+        self._post_crop = augment.post_crop(device_augment) if device_augment else None
         self.probe = (keras.layers.Dense(self.num_classes, name="linear_probe", dtype="float32")
                       if self.num_classes else None)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -94,9 +102,27 @@ class ContrastiveModel(keras.Model):
             out += [self.probe_loss_tracker, self.probe_acc_tracker]
         return out
 
+    def _views(self, data, training):
+        """The two views of a batch, finishing a device-placed augmentation if there is one."""
+        view1, view2 = data["view1"], data["view2"]
+        has_params = "view1_augment_params" in data
+        # Params without a preset would train on half-augmented views; a preset without params
+        # would skip the photometric ops. Evaluation batches (training=False) may lack them.
+        if has_params != (self._post_crop is not None) and (has_params or training):
+            raise ValueError(
+                "the batch carries augmentation params but the model has no device_augment "
+                "preset" if has_params else
+                f"device_augment={self.device_augment!r} but the batch has no "
+                "view1_augment_params: build the reader's augment_fn with "
+                "placement='device'")
+        if has_params:
+            view1 = self._post_crop.apply_photometric_batch(view1, data["view1_augment_params"])
+            view2 = self._post_crop.apply_photometric_batch(view2, data["view2_augment_params"])
+        return view1, view2
+
     def compute_losses(self, data, training=True):
         """Forward pass of one (per-replica) batch -> (total loss, metric values)."""
-        view1, view2 = data["view1"], data["view2"]
+        view1, view2 = self._views(data, training)
         batch = tf.shape(view1)[0]
         features = self.encoder(tf.concat([view1, view2], axis=0), training=training)
         z, _ = self.projection_head(features, training=training)
@@ -151,6 +177,7 @@ class ContrastiveModel(keras.Model):
             "method": self.method,
             "num_classes": self.num_classes,
             "task": self.task,
+            "device_augment": self.device_augment,
         }
 
     @classmethod

@@ -377,7 +377,7 @@ def run_finetuning(cfg):
             strategy, cfg.data_dir, cfg.train_split, "supervised", cfg.batch_size,
             cfg.model.image_size, augment_fn=aug, seed=cfg.seed, steps_per_epoch=spe,
             start_epoch=first_epoch, info=info, case_ids=case_ids, labelled_only=True,
-            shuffle_buffer=_TRAIN_SHUFFLE_BUFFER)
+            shuffle_buffer=_TRAIN_SHUFFLE_BUFFER, cache_decoded=cfg.cache_decoded)
 
     has_val = bool(cfg.eval_split) and cfg.eval_split in info["splits"] and any(
         label is not None

@@ -65,8 +65,10 @@ def build_pretraining_model(cfg, num_classes=0, task="multiclass"):
     """Model + optimizer, every variable created (call inside strategy.scope())."""
     encoder = build_encoder(cfg.model)
     head = build_projection_head(cfg.model)
+    device_augment = cfg.augment if cfg.augment_placement == "device" else None
     model = ContrastiveModel(encoder, head, temperature=cfg.temperature, method=cfg.method,
-                             num_classes=num_classes, task=task, name=f"{cfg.method}_model")
+                             num_classes=num_classes, task=task, device_augment=device_augment,
+                             name=f"{cfg.method}_model")
     model.build_for(cfg.model.image_size)
     return model
 
@@ -102,6 +104,9 @@ def run_pretraining(cfg):
     """Trains and returns the summary dict (also written to model_dir/pretrain_summary.json)."""
     if cfg.method not in ("simclr", "micle"):
         raise ValueError(f"unknown --method {cfg.method!r} (simclr, micle)")
+    aug = augment.build_augment(cfg.augment, cfg.model.image_size, cfg.augment_placement)
+    if cfg.cache_decoded and cfg.tfds_name:
+        raise ValueError("cache_decoded applies to micle-data records, not --tfds_name")
     seed_everything(cfg.seed)
     set_mixed_precision(cfg.mixed_precision)
     strategy = create_strategy(cfg.strategy, cfg.tpu)
@@ -145,8 +150,6 @@ def run_pretraining(cfg):
         write_json_atomic(os.path.join(cfg.model_dir, CONFIG_FILE),
                           {"config": config_lib.to_dict(cfg), "dataset": _dataset_facts(info)})
 
-    aug = augment.build_augment(cfg.augment, cfg.model.image_size)
-
     def train_data(first_epoch):
         kwargs = dict(augment_fn=aug, seed=cfg.seed, steps_per_epoch=spe,
                       start_epoch=first_epoch)
@@ -156,7 +159,7 @@ def run_pretraining(cfg):
                 cfg.batch_size, cfg.model.image_size, builder=tfds_builder, **kwargs)
         return reader.distributed_dataset(
             strategy, cfg.data_dir, cfg.train_split, cfg.method, cfg.batch_size,
-            cfg.model.image_size, info=info, **kwargs)
+            cfg.model.image_size, info=info, cache_decoded=cfg.cache_decoded, **kwargs)
 
     guard = cb.NonFiniteGuard()
     timer = StepTimer()

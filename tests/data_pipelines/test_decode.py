@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines.decode import ImageRejected, decode_image, resize_image, validate_and_normalize
+from data_pipelines.decode import (ImageRejected, decode_image, decode_to_pixels, pixels_to_float,
+                                   resize_image, validate_and_normalize)
 from tests.data_pipelines.images import encode
 
 RNG = np.random.default_rng(0)
@@ -102,3 +103,21 @@ def test_validate_rejects_truncated(fmt):
 def test_decode_garbage_raises_in_tf():
     with pytest.raises(tf.errors.InvalidArgumentError):
         decode_image(tf.constant(b"garbage bytes"))
+
+
+@pytest.mark.parametrize("kind", ["png_rgb", "png_gray", "png_rgba", "png_la", "png_16", "jpeg",
+                                  "bmp"])
+def test_pixels_round_trip_equals_decode_image(kind):
+    """The decoded-case cache stores an image's own samples (8- or 16-bit) and gives back
+    exactly what decode_image gives."""
+    a16 = np.array([[0, 1, 1000], [40000, 65534, 65535]], dtype=np.uint16)
+    data = {"png_rgb": encode(RGB, "PNG"), "png_gray": encode(GRAY, "PNG"),
+            "png_rgba": encode(RGBA, "PNG"), "png_16": encode(a16, "PNG"),
+            "png_la": encode(np.stack([GRAY, GRAY // 2], -1), "PNG", mode="LA"),
+            "jpeg": encode(SMOOTH_RGB, "JPEG"), "bmp": encode(RGB, "BMP")}[kind]
+    pixels, shape, is_16bit = decode_to_pixels(tf.constant(data))
+    h, w = (6, 5) if kind not in ("png_16", "jpeg") else ((2, 3) if kind == "png_16" else (24, 20))
+    assert list(shape.numpy()) == [h, w, 3] and bool(is_16bit) == (kind == "png_16")
+    assert pixels.dtype == tf.uint8 and pixels.shape == (h * w * 3 * (2 if kind == "png_16" else 1),)
+    np.testing.assert_allclose(pixels_to_float(pixels, shape, is_16bit).numpy(), _decode(data),
+                               atol=1e-7, rtol=0)

@@ -180,3 +180,62 @@ def test_epoch_seeded_stream_resumes_exactly(records):
     # epochs differ from each other (new shuffle and new pairs each epoch)
     assert any(not np.array_equal(full[i]["image_indices"], full[i + 2]["image_indices"])
                for i in range(2))
+
+
+# ----------------------------------------------------------------------------- decoded-case cache
+def test_cache_decoded_gives_the_same_images(records):
+    path = records[0]
+    plain = take(reader.make_dataset(path, "train", "supervised", 5, 8, training=False), 100)
+    cached = take(reader.make_dataset(path, "train", "supervised", 5, 8, training=False,
+                                      cache_decoded=True), 100)
+    assert len(plain) == len(cached) == 5  # 21 images, batches of 5
+    for x, y in zip(plain, cached):
+        np.testing.assert_array_equal(x["case_id"], y["case_id"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+        np.testing.assert_allclose(x["image"], y["image"], atol=1e-7, rtol=0)
+
+
+def test_cache_decoded_training_pairs_determinism_and_resume(records):
+    path, sizes, ids = records
+
+    def stream(start_epoch, n, seed=4):
+        ds = reader.make_dataset(path, "train", "micle", 3, 8, seed=seed, steps_per_epoch=2,
+                                 start_epoch=start_epoch, cache_decoded=True)
+        return take(ds, n)
+
+    full, again, resumed = stream(0, 8), stream(0, 8), stream(2, 4)
+    for x, y in zip(full, again):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for x, y in zip(full[4:], resumed):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for b in full:  # still two distinct images of the batch's own case
+        c1, c2 = codes(b["view1"]), codes(b["view2"])
+        for k in range(3):
+            case = ids[b["case_id"][k].decode()]
+            assert c1[k] // 10 == c2[k] // 10 == case
+            assert (c1[k] != c2[k]) == (sizes[case] > 1)
+    assert any(not np.array_equal(full[i]["case_id"], full[i + 2]["case_id"]) for i in range(6))
+
+
+def test_cache_decoded_later_epochs_do_not_read_the_files(records, tmp_path):
+    """After the first pass the shards can vanish: the cache serves every later epoch (and
+    without the cache the same thing fails, so the test can tell)."""
+    import shutil
+    for cache in (True, False):
+        copy = tmp_path / f"copy_{cache}"
+        shutil.copytree(records[0], copy)
+        ds = reader.make_dataset(str(copy), "train", "simclr", 4, 8, seed=1, steps_per_epoch=2,
+                                 cache_decoded=cache)
+        it = iter(ds)
+        first = [next(it) for _ in range(2)]
+        for shard in copy.glob("train-*.tfrecord"):
+            shard.unlink()
+        if cache:
+            later = [next(it)["case_id"].numpy() for _ in range(6)]
+            assert len(later) == 6 and first
+        else:
+            with pytest.raises(tf.errors.NotFoundError):
+                for _ in range(6):
+                    next(it)

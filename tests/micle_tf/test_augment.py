@@ -1,4 +1,6 @@
 """Tests for micle_tf.augment: shapes, ranges, determinism, and per-op semantics."""
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -253,3 +255,123 @@ def test_preset_in_parallel_tf_data_is_deterministic(preset):
     if preset in ("cxr", "finetune", "none"):  # no hue/saturation: gray inputs stay gray
         for g in first[2:]:
             np.testing.assert_allclose(g[..., 0], g[..., 1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- post-crop draws
+def _np_hsv(img, sat_factor, hue_delta):
+    import colorsys
+    out = np.empty_like(img)
+    for idx in np.ndindex(img.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*img[idx])
+        s = min(max(s * sat_factor, 0.0), 1.0)
+        out[idx] = colorsys.hsv_to_rgb((h + hue_delta) % 1.0, s, v)
+    return out
+
+
+def _np_blur(img, sigma):
+    r = (min(img.shape[:2]) // 10) // 2
+    if r == 0:
+        return img
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    pad = np.pad(img.astype(np.float64), [(r, r), (r, r), (0, 0)], mode="reflect")
+    rows = sum(k[t] * pad[:, t:t + img.shape[1]] for t in range(2 * r + 1))
+    return sum(k[t] * rows[t:t + img.shape[0]] for t in range(2 * r + 1))
+
+
+def np_photometric(post, img, params):
+    """Independent numpy reference of PostCrop's photometric ops for one view's params."""
+    p = dict(zip(post.param_names, params))
+    x = img.astype(np.float64)
+    if post.jitter_ops and p["jitter"] > 0.5:
+        for i in range(len(post.jitter_ops)):
+            op = post.jitter_ops[int(p[f"order_{i}"])]
+            f = p[f"factor_{op}"]
+            if op == "brightness":
+                x = x * f
+            elif op == "contrast":
+                mean = x.mean(axis=(0, 1), keepdims=True)
+                x = (x - mean) * f + mean
+            elif op == "saturation":
+                x = _np_hsv(x, f, 0.0)
+            else:
+                x = _np_hsv(x, 1.0, f)
+            x = np.clip(x, 0.0, 1.0)
+    if post.gray_p and p["gray"] > 0.5:
+        x = np.repeat((x @ np.array([0.2989, 0.587, 0.114]))[..., None], 3, -1)
+    if post.blur_p and p["blur"] > 0.5:
+        x = _np_blur(x, p["sigma"])
+    return np.clip(x, 0.0, 1.0)
+
+
+def _draws(post, n, seed=7):
+    ds = tf.data.Dataset.range(n).map(lambda k: post.draw(tf.stack([k, tf.constant(seed,
+                                                                                  tf.int64)])))
+    return np.concatenate([b.numpy() for b in ds.batch(1000)])
+
+
+@pytest.mark.parametrize("preset", ["derm", "cxr"])
+def test_post_crop_draws_follow_the_preset(preset):
+    post = A.post_crop(preset)
+    d = _draws(post, 4000)
+    col = {name: d[:, i] for i, name in enumerate(post.param_names)}
+    expected = {"derm": dict(jitter=0.8, gray=0.2, blur=0.5, ops=4, strength=1.0, degrees=0),
+                "cxr": dict(jitter=0.8, gray=0.0, blur=0.0, ops=2, strength=0.5, degrees=20)}
+    e = expected[preset]
+    for name in ("flip", "jitter", "gray", "blur"):  # coins: 0/1 with the preset's probability
+        assert set(np.unique(col[name])) <= {0.0, 1.0}
+        want = 0.5 if name == "flip" else e[name]
+        assert abs(col[name].mean() - want) < 0.03, (name, col[name].mean())
+    assert len(post.jitter_ops) == e["ops"]
+    for op in post.jitter_ops:
+        lo, hi = ((-0.2 * e["strength"], 0.2 * e["strength"]) if op == "hue"
+                  else (1 - 0.8 * e["strength"], 1 + 0.8 * e["strength"]))
+        v = col[f"factor_{op}"]
+        assert lo <= v.min() < lo + 0.02 and hi - 0.02 < v.max() <= hi, op
+    orders = np.stack([col[f"order_{i}"] for i in range(e["ops"])], 1)
+    assert (np.sort(orders, 1) == np.arange(e["ops"])).all()  # a permutation per view
+    assert len({tuple(o) for o in orders}) == math.factorial(e["ops"])  # all of them occur
+    if e["degrees"]:
+        assert -20 <= col["angle"].min() < -19 and 19 < col["angle"].max() <= 20
+    else:
+        assert (col["angle"] == 0).all()
+    if e["blur"]:
+        assert 0.1 <= col["sigma"].min() and col["sigma"].max() <= 2.0
+
+
+@pytest.mark.parametrize("preset", ["derm", "cxr"])
+def test_photometric_ops_match_numpy_on_host_and_device(preset):
+    """The per-image host kernels and the batched device ops both equal a numpy reference,
+    and a host-placed view equals crop + geometric on the host then the device ops."""
+    post, size = A.post_crop(preset), 40
+    host = A.build_augment(preset, size)
+    device = A.build_augment(preset, size, placement="device")
+    rng = np.random.RandomState(3)
+    images = [rng.rand(rng.randint(30, 70), rng.randint(30, 70), 3).astype(np.float32)
+              for _ in range(24)]
+    seeds = [tf.constant([k, 11], tf.int64) for k in range(24)]
+    views, params = zip(*[device(img, s) for img, s in zip(images, seeds)])
+    views, params = np.stack(views), np.stack(params)
+    ref = np.stack([np_photometric(post, v, p) for v, p in zip(views, params)])
+    host_views = np.stack([host(img, s).numpy() for img, s in zip(images, seeds)])
+    per_image = np.stack([A._finish(post.apply_photometric(v, p), size).numpy()
+                          for v, p in zip(views, params)])
+    batched = post.apply_photometric_batch(views, params).numpy()
+    compiled = tf.function(post.apply_photometric_batch, jit_compile=True)(views, params)
+    if preset == "derm":  # the reference must exercise every op
+        col = dict(zip(post.param_names, params.T))
+        assert col["jitter"].sum() >= 5 and col["gray"].sum() >= 2 and col["blur"].sum() >= 5
+    np.testing.assert_allclose(per_image, ref, atol=2e-5)
+    np.testing.assert_allclose(batched, ref, atol=2e-5)
+    np.testing.assert_allclose(compiled.numpy(), ref, atol=2e-5)
+    np.testing.assert_allclose(host_views, per_image, atol=1e-6)
+    assert batched.shape == (24, size, size, 3)
+
+
+def test_device_placement_rejects_presets_without_photometric_ops():
+    with pytest.raises(ValueError, match="no photometric ops"):
+        A.build_augment("finetune", 32, placement="device")
+    with pytest.raises(ValueError, match="nothing to run on the device"):
+        A.build_augment("none", 32, placement="device")
+    with pytest.raises(ValueError, match="placement must be one of"):
+        A.build_augment("derm", 32, placement="gpu")

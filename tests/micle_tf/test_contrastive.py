@@ -79,3 +79,44 @@ def test_two_replicas_match_one_device(two_replica_strategy):
 def test_unknown_method_rejected():
     with pytest.raises(ValueError, match="unknown pretraining method"):
         ContrastiveModel(build_encoder(TINY), build_projection_head(TINY), method="byol")
+
+
+def test_device_augment_finishes_the_host_pipeline_views(ph2_records):
+    """Same seed: a batch augmented wholly on the host equals the device-placed batch after
+    the model's photometric step; the pairs picked are the same."""
+    from data_pipelines import reader
+    from micle_tf import augment
+
+    def first_batch(placement):
+        ds = reader.make_dataset(ph2_records, "train", "micle", 16, 32, seed=5,
+                                 augment_fn=augment.build_augment("derm", 32, placement))
+        return next(iter(ds))
+
+    host, device = first_batch("host"), first_batch("device")
+    assert "view1_augment_params" not in host
+    post = augment.post_crop("derm")
+    assert device["view1_augment_params"].shape == (16, post.num_params)
+    np.testing.assert_array_equal(host["image_indices"], device["image_indices"])
+    model = tiny_model(cfg=C.ModelConfig(backbone="resnet18", width_multiplier=0.125,
+                                         image_size=32, proj_out_dim=8))
+    model.device_augment, model._post_crop = "derm", post
+    v1, v2 = model._views(device, training=True)
+    np.testing.assert_allclose(v1, host["view1"], atol=2e-5)
+    np.testing.assert_allclose(v2, host["view2"], atol=2e-5)
+    assert np.abs(device["view1"] - host["view1"]).max() > 0.05  # the step did real work
+
+
+def test_device_augment_round_trips_and_refuses_mismatched_batches():
+    model = ContrastiveModel(build_encoder(TINY), build_projection_head(TINY),
+                             device_augment="cxr").build_for(TINY.image_size)
+    clone = ContrastiveModel.from_config(model.get_config())
+    assert clone.device_augment == "cxr" and clone._post_crop.jitter_ops == (
+        "brightness", "contrast")
+    data = batch(4)
+    with pytest.raises(ValueError, match="batch has no view1_augment_params"):
+        model.compute_losses(data, training=True)
+    model.compute_losses(data, training=False)  # evaluation batches need no params
+    params = np.zeros((4, model._post_crop.num_params), np.float32)
+    with pytest.raises(ValueError, match="model has no device_augment"):
+        tiny_model().compute_losses(dict(data, view1_augment_params=params,
+                                         view2_augment_params=params))

@@ -110,3 +110,19 @@ def test_pretraining_learns_same_lesion_structure(ph2_records, tmp_path):
     load_encoder_weights(trained.encoder, cfg.model_dir)
     after = _same_lesion_top1(trained.encoder, ph2_records)
     assert after >= before + 0.08, (before, after)
+
+
+def test_device_placed_augmentation_trains_like_host_placed(ph2_records, tmp_path):
+    """--augment_placement=device moves the photometric ops into the train step: same seed,
+    same views (to float rounding), so the same weights after a few steps."""
+    host = run_pretraining(tiny_cfg(ph2_records, tmp_path / "host", train_steps=3))
+    device = run_pretraining(tiny_cfg(ph2_records, tmp_path / "device", train_steps=3,
+                                      augment_placement="device"))
+    np.testing.assert_allclose(device["history"]["loss"], host["history"]["loss"], rtol=1e-4)
+    a = _variables(str(tmp_path / "host" / "checkpoints" / "ckpt-3"))
+    b = _variables(str(tmp_path / "device" / "checkpoints" / "ckpt-3"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-4, err_msg=k)
+    config = json.loads((tmp_path / "device" / "pretrain_config.json").read_text())
+    assert config["config"]["augment_placement"] == "device"
