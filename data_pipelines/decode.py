@@ -26,8 +26,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _to_rgb(image):
     """[H, W, C] with C in 1..4 -> [H, W, 3]: grey tiled, alpha dropped."""
-    rgb = tf.where(tf.shape(image)[-1] >= 3, tf.constant([0, 1, 2]), tf.constant([0, 0, 0]))
-    image = tf.gather(image, rgb, axis=-1)  # gather: any dtype (Tile has no uint16 kernel)
+    channels = tf.shape(image)[-1]
+    grey = lambda: tf.concat([image[..., :1]] * 3, axis=-1)  # noqa: E731 (no uint16 Tile)
+    image = tf.cond(channels < 3, grey, lambda: image[..., :3])
     image.set_shape([None, None, 3])
     return image
 
