@@ -112,13 +112,14 @@ def main(argv=None):
         c, fig = rec["config"], rec.get("figures")
         if not fig:
             err = str(rec.get("error", "")).splitlines()[0][:200]
-            print(f"# post-crop augment on device (XLA {'on' if c['jit'] else 'off'}): {err}")
+            print(f"# device-placed photometric augmentation "
+                  f"(XLA {'on' if c['jit'] else 'off'}): {err}")
             continue
         steps = {p: v for (p, b), v in best.items() if b == c["batch_size"]}
         rel = ", ".join(f"{100 * fig['ms_per_batch'] / v:.0f}% of the best {p} step "
                         f"({v:.1f} ms)" for p, v in sorted(steps.items()))
-        print(f"# post-crop derm augment (2 views) on {c['device']}, batch {c['batch_size']}, "
-              f"XLA {'on' if c['jit'] else 'off'}: {fig['ms_per_batch']:.2f} ms/batch"
+        print(f"# device-placed {c.get('preset', 'derm')} photometric ops (2 views) on "
+              f"{c['device']}, batch {c['batch_size']}, XLA {'on' if c['jit'] else 'off'}: {fig['ms_per_batch']:.2f} ms/batch"
               + (f" = {rel}" if rel else ""))
     gpu = args.gpu_name or ((rows[0].get("machine") or {}).get("gpus") or ["?"])[0]
     print(f"# GPU: {gpu}; peaks (dense TFLOP/s): {peaks_for(gpu)}; FLOPs per pair = "

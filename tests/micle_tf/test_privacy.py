@@ -17,6 +17,7 @@ name, which rejections use with a line number ("cases.csv:7") by design. The raw
 be guessable from the salted hashes either: the salt here is fixed only to recompute them.
 """
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def test_no_ids_or_source_paths_leak_and_splits_are_disjoint(tmp_path):
                       f"--data_dir={data_dir}", f"--model_dir={model_dir}",
                       "--backbone=resnet18", "--width_multiplier=0.125", "--image_size=32",
                       "--batch_size=4", "--train_steps=2", "--steps_per_epoch=1",
-                      "--knn_monitor=true", "--verbose=2"], tmp_path / "train.log")
+                      "--knn_monitor=true", "--verbose=2",
+                      # the speed options go through the same CLI and logs
+                      "--cache_decoded", "--augment_placement=device"], tmp_path / "train.log")
 
     info = writer.read_info(str(data_dir))
     assert info["items_read"] == info["items_written"] + info["items_rejected"] == 25
@@ -111,6 +114,8 @@ def test_no_ids_or_source_paths_leak_and_splits_are_disjoint(tmp_path):
     blobs = {os.path.relpath(p, tmp_path): open(p, "rb").read() for p in searched}
     blobs["micle-data output"], blobs["micle-pretrain output"] = data_log, train_log
     assert b"same_case_top1" in train_log  # the kNN monitor ran and was logged
+    config = json.loads(blobs["model/pretrain_config.json"])["config"]
+    assert config["cache_decoded"] is True and config["augment_placement"] == "device"
     for secret in _secrets(folder, files):
         leaks = [name for name, blob in blobs.items() if secret in blob.lower()]
         assert not leaks, f"{secret!r} appears in {leaks}"
