@@ -103,6 +103,26 @@ def verify_shards(data_dir, split, info=None, parse=True):
     return counts
 
 
+def check_shard_sizes(files, info, split):
+    """Raises ShardError naming the first shard whose size differs from the one the writer
+    recorded in dataset_info.json (splits.<split>.shard_bytes): a truncated, padded or
+    replaced file. One stat per shard, so it runs whenever a dataset is built. Records written
+    before the sizes were recorded are not checked (`verify_shards` reads them)."""
+    expected = info.get("splits", {}).get(split, {}).get("shard_bytes")
+    if not expected:
+        return
+    if len(expected) != len(files):
+        raise ShardError(files[0], f"split {split!r} has {len(files)} shard files, "
+                                   f"dataset_info.json lists {len(expected)}")
+    for path, size in zip(files, expected):
+        actual = tf.io.gfile.stat(path).length
+        if actual != size:
+            what = "truncated" if actual < size else "longer than written"
+            raise ShardError(path, f"{path}: {what} TFRecord shard ({actual} bytes, "
+                                   f"dataset_info.json records {size}); rewrite it with "
+                                   f"micle-data or restore the file")
+
+
 def _case_filter(case_ids):
     keys = tf.constant(sorted(set(case_ids)), tf.string)
     table = tf.lookup.StaticHashTable(
@@ -153,6 +173,7 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
     info = info or read_info(data_dir)
     task, num_classes = info["task"], len(info["label_names"])
     files = list_shards(data_dir, split)
+    check_shard_sizes(files, info, split)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if drop_remainder is None:
@@ -347,8 +368,9 @@ def read_case_index(data_dir, split, info=None):
     info = info or read_info(data_dir)
     task, num_classes = info["task"], len(info["label_names"])
     out = []
-    ds = tf.data.TFRecordDataset(list_shards(data_dir, split)).map(
-        lambda r: schema.parse_case(r, task, num_classes))
+    files = list_shards(data_dir, split)
+    check_shard_sizes(files, info, split)
+    ds = tf.data.TFRecordDataset(files).map(lambda r: schema.parse_case(r, task, num_classes))
     for case in ds.as_numpy_iterator():
         label = case["label"]
         if task == "multiclass":

@@ -40,7 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import schema
-from data_pipelines.reader import list_shards
+from data_pipelines.reader import check_shard_sizes, list_shards
 from data_pipelines.writer import read_info
 
 NAME = "case_bags"
@@ -127,6 +127,7 @@ class CaseBags(tfds.core.GeneratorBasedBuilder):
         info = self._records_info
         task, num_classes = info["task"], len(info["label_names"])
         files = list_shards(self._records_dir, split)
+        check_shard_sizes(files, info, split)
 
         def parse(record):
             case = schema.parse_case(record, task, num_classes)

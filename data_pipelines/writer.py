@@ -195,7 +195,12 @@ def write_dataset(source, output_dir, salt, fractions=splits.DEFAULT_FRACTIONS, 
             os.remove(t)
         for i, t in enumerate(used):
             os.replace(t, shard_path(output_dir, split, i, len(used)))
-        split_info[split] = {"cases": n_cases_split, "images": n_images_split, "shards": len(used)}
+        # Shard sizes let the reader catch a truncated or replaced shard with one stat per
+        # file before training (TF reads a shard cut inside a record header as a clean EOF).
+        split_info[split] = {"cases": n_cases_split, "images": n_images_split, "shards": len(used),
+                             "shard_bytes": [os.path.getsize(shard_path(output_dir, split, i,
+                                                                        len(used)))
+                                             for i in range(len(used))]}
         images_written += n_images_split
 
     items_rejected = sum(1 for r in rejected if r.get("kind", "image") == "image")

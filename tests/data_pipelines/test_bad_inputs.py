@@ -12,9 +12,11 @@ silently: a conversion reports items read = written + rejected.
 | one case id, rows with conflicting labels     | every row + the case rejected (cases.csv:13-14) |
 | unknown label                                 | rejection "cases.csv:11" (unknown label ...)    |
 | label out of range in a record                | reader error naming the case id                 |
-| truncated TFRecord shard                      | DataLossError while reading (TF names only a    |
-|                                               | byte offset); `reader.verify_shards` and the    |
-|                                               | training path (ShardError) name the shard file  |
+| truncated (or padded) TFRecord shard          | ShardError naming the file when the dataset is  |
+|                                               | built (sizes in dataset_info.json); records     |
+|                                               | without sizes: DataLossError while reading (TF  |
+|                                               | names only a byte offset); `verify_shards` and  |
+|                                               | the training path (ShardError) name the file    |
 | missing CSV column                            | ValueError naming the column and the CSV        |
 | mixed grey / grey+alpha / RGBA / 16-bit /     | written, and decoded to [S, S, 3] in [0, 1] with|
 |   palette images in one bag                   | the expected pixel values                       |
@@ -139,8 +141,9 @@ def test_truncated_shard_is_named(shard_pair):
 
 
 def test_shard_cut_inside_a_record_header_is_named(shard_pair):
-    """Cut inside a record's 12-byte header: TF reads it as a clean end of file and the
-    partial record is lost without an error (TF behaviour, also in training); only
+    """Cut inside a record's 12-byte header of records written without shard sizes (hand-built
+    here; the writer records sizes, see the last test): TF reads it as a clean end of file and
+    the partial record is lost without an error (TF behaviour, also in training); only
     `reader.verify_shards`, which checks the records' bytes against the file size, notices."""
     _truncate(shard_pair, lambda data: len(data) // 2 + 5)  # 4 equal records per shard
     seen = [b["case_id"].numpy() for b in reader.make_dataset(
@@ -229,3 +232,42 @@ def test_mixed_image_kinds_in_one_bag_are_written_and_decoded(tmp_path):
     assert pair["view1"].shape == (2, 8, 8, 3)
     idx = pair["image_indices"].numpy()
     assert (idx[:, 0] != idx[:, 1]).all()
+
+
+def _record_spans(path):
+    """[(start, end)] byte spans of the records of a TFRecord file."""
+    spans, start = [], 0
+    for r in tf.data.TFRecordDataset(path):
+        end = start + 12 + len(r.numpy()) + 4
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+@pytest.mark.parametrize("damage", ["cut in a header", "cut in a payload", "bytes appended"])
+def test_writer_shard_sizes_catch_a_damaged_shard_before_reading(tmp_path, damage):
+    """The writer records each shard's size; building a dataset (or a case index) stats the
+    shards and names a damaged one before anything is read -- including the header cut that
+    TF itself would read as a clean end of file, losing a case silently."""
+    from tests.data_pipelines.test_reader import build_records
+    build_records(tmp_path, [1, 2, 3, 4, 2, 1, 3, 2], labels=[0, 1] * 4, num_shards=2)
+    data_dir = str(tmp_path)
+    files = reader.list_shards(data_dir, "train")
+    info = writer.read_info(data_dir)
+    assert info["splits"]["train"]["shard_bytes"] == [os.path.getsize(f) for f in files]
+    assert len(reader.read_case_index(data_dir, "train")) == 8  # intact: reads fine
+    spans = _record_spans(files[1])
+    assert len(spans) == 4
+    with open(files[1], "rb") as f:
+        data = f.read()
+    cut = {"cut in a header": spans[1][0] + 5, "cut in a payload": spans[1][0] + 12 + 10,
+           "bytes appended": None}[damage]
+    with open(files[1], "wb") as f:
+        f.write(data[:cut] if cut else data + b"\0" * 7)
+    what = "longer than written" if cut is None else "truncated"
+    pattern = rf"train-00001-of-00002\.tfrecord: {what} TFRecord shard \(\d+ bytes, "
+    with pytest.raises(reader.ShardError, match=pattern) as err:
+        reader.make_dataset(data_dir, "train", "micle", 2, 8)
+    assert err.value.path == files[1]
+    with pytest.raises(reader.ShardError, match=pattern):
+        reader.read_case_index(data_dir, "train")
