@@ -19,8 +19,10 @@ def test_ph2_records(ph2_records):
     index = {s: reader.read_case_index(ph2_records, s) for s in ("train", "val", "test")}
     splits.check_disjoint({s: [c for c, _, _ in rows] for s, rows in index.items()})
     for s, rows in index.items():
+        files = reader.list_shards(ph2_records, s)
         assert info["splits"][s] == {"cases": len(rows), "images": 20 * len(rows),
-                                     "shards": info["splits"][s]["shards"]}
+                                     "shards": len(files),
+                                     "shard_bytes": [os.path.getsize(f) for f in files]}
         assert all(n == 20 for _, _, n in rows)
     # independent label reference: the CSV's Labels column, lesions 0..198
     with open(os.path.join(ph2.package_data_dir(), "ShapeScores.csv")) as f:

@@ -22,15 +22,21 @@ def micle_run(tmp_path_factory, ph2_records):
 
 def _records_copy(src, dst, replace=None, info_update=None):
     """A copy of a records dir made of symlinks; `replace` maps shard names to the source shard
-    they should point at; `info_update` edits dataset_info.json."""
+    they should point at (the recorded shard sizes follow, as if the records had been written
+    that way: otherwise the reader's size check refuses the swap first); `info_update` edits
+    dataset_info.json."""
     os.makedirs(dst)
+    with open(os.path.join(src, "dataset_info.json")) as f:
+        info = json.load(f)
     for name in os.listdir(src):
         if name == "dataset_info.json":
             continue
         target = (replace or {}).get(name, name)
         os.symlink(os.path.join(src, target), os.path.join(dst, name))
-    with open(os.path.join(src, "dataset_info.json")) as f:
-        info = json.load(f)
+        if target != name:
+            split, index = name.split("-")[0], int(name.split("-")[1])
+            info["splits"][split]["shard_bytes"][index] = os.path.getsize(
+                os.path.join(src, target))
     info.update(info_update or {})
     with open(os.path.join(dst, "dataset_info.json"), "w") as f:
         json.dump(info, f)
