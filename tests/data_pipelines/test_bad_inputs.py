@@ -22,7 +22,8 @@ silently: a conversion reports items read = written + rejected.
 |   palette images in one bag                   | the expected pixel values                       |
 | NaN/inf loss during training                  | tests/micle_tf/test_resume.py::                 |
 |                                               |   test_nonfinite_loss_stops_with_last_good_... |
-| serving: malformed bytes / wrong shape        | not here: the export module is not written yet  |
+| serving: malformed bytes / wrong shape        | tests/micle_tf/test_export.py: request error    |
+|                                               | naming the item; wrong pixel shapes refused     |
 
 The image rows reuse the folder fixture of test_sources.py (converted once for the module);
 test_sources.py checks the same conversion as a whole, this file row by row.

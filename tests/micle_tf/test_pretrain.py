@@ -114,13 +114,13 @@ def test_pretraining_learns_same_lesion_structure(ph2_records, tmp_path):
 
 def test_device_placed_augmentation_trains_like_host_placed(ph2_records, tmp_path):
     """--augment_placement=device moves the photometric ops into the train step: same seed,
-    same views (to float rounding), so the same weights after a few steps."""
-    host = run_pretraining(tiny_cfg(ph2_records, tmp_path / "host", train_steps=3))
-    device = run_pretraining(tiny_cfg(ph2_records, tmp_path / "device", train_steps=3,
+    same views (to float rounding), so the same weights after two steps."""
+    host = run_pretraining(tiny_cfg(ph2_records, tmp_path / "host", train_steps=2))
+    device = run_pretraining(tiny_cfg(ph2_records, tmp_path / "device", train_steps=2,
                                       augment_placement="device"))
     np.testing.assert_allclose(device["history"]["loss"], host["history"]["loss"], rtol=1e-4)
-    a = _variables(str(tmp_path / "host" / "checkpoints" / "ckpt-3"))
-    b = _variables(str(tmp_path / "device" / "checkpoints" / "ckpt-3"))
+    a = _variables(str(tmp_path / "host" / "checkpoints" / "ckpt-2"))
+    b = _variables(str(tmp_path / "device" / "checkpoints" / "ckpt-2"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-4, err_msg=k)
