@@ -161,7 +161,8 @@ def make_dataset(data_dir, split, mode, batch_size, image_size, *, augment_fn=No
     labelled_only: keep labelled cases only (unlabelled cases are not training data here).
     cache_decoded: decode every image once and keep the decoded cases in memory (their own
       8- or 16-bit samples: H*W*3 bytes per 8-bit image); later epochs skip read, parse and
-      decode (1.1-1.7x the pairs/s on the CPU, bench/README.md). For data sets that fit in
+      decode (1.3-2.0x the pairs/s at 32 px, 1.0-1.2x at 64-224 px where augmentation
+      dominates; bench/README.md). For data sets that fit in
       RAM (PH2: 12 MB). Training then shuffles all cases each epoch instead of files + a
       buffer: a different stream from the default, equally deterministic and resumable.
 
@@ -265,16 +266,16 @@ def bag_stream(bags, mode, batch_size, image_size, *, to_float, augment_fn, seed
         items = [bag[key] if k is None else bag[key][k] for key in image_keys]
         return pixels_to_float(*items) if len(items) == 3 else to_float(items[0])
 
-    def view(image, s):
+    def view(img, s):
         """-> (view, params): params are the photometric draws left to the accelerator when
         `augment_fn` was built with placement="device", else None."""
         params = None
         if augment_fn is not None and training:
-            out = augment_fn(image, s)
+            out = augment_fn(img, s)
             if isinstance(out, tuple):
                 out, params = out
         else:
-            out = resize_image(image, image_size)
+            out = resize_image(img, image_size)
         return tf.ensure_shape(tf.cast(out, tf.float32), [image_size, image_size, 3]), params
 
     def with_params(element, **params):
@@ -284,11 +285,11 @@ def bag_stream(bags, mode, batch_size, image_size, *, to_float, augment_fn, seed
 
     if mode == "supervised":
         def element(ex, s):
-            image_, params = view(image(ex), s)
+            img, params = view(image(ex), s)
             if params is not None:
                 raise ValueError("device-placed augmentation is for the contrastive modes; "
                                  "supervised mode augments on the host")
-            return {"image": image_, "label": ex["label"], "case_id": ex["case_id"]}
+            return {"image": img, "label": ex["label"], "case_id": ex["case_id"]}
     else:
         def element(case, s):
             pick_i, pick_j, aug_1, aug_2 = tf.unstack(
