@@ -143,52 +143,23 @@ def random_rotation(image, seed, max_degrees, fill_mode="REFLECT"):
 
 
 # ----------------------------------------------------------------------------- colour
-def _brightness(x, seed, delta):
-    # SimCLR v2 brightness: multiplicative factor in [max(1 - delta, 0), 1 + delta].
-    factor = tf.random.stateless_uniform([], seed, max(1.0 - delta, 0.0), 1.0 + delta)
-    return x * factor
-
-
 def color_jitter(image, seed, strength, p=0.8, random_order=True, hue=True, saturation=True):
     """SimCLR colour jitter, applied with probability ``p``, clipped to [0, 1] after each op.
 
     Brightness 0.8s (SimCLR v2 multiplicative), contrast 0.8s, saturation 0.8s, hue 0.2s.
-    ``random_order`` applies the enabled ops in a stateless random permutation; each op
-    keeps its own sub-seed whatever its position. ``hue``/``saturation`` can be disabled
-    (grayscale X-rays). Lower bounds are floored at 0 (and hue capped at 0.5) so strengths
-    above 1.25 stay valid for the TF ops.
+    ``random_order`` applies the enabled ops in a stateless random permutation (else in that
+    order). ``hue``/``saturation`` can be disabled (grayscale X-rays). Lower bounds are floored
+    at 0 (and hue capped at 0.5) so strengths above 1.25 stay valid for the TF ops. The presets
+    run the same code through `PostCrop`.
     """
-    image = _as_image(image)
-    s = float(strength)
-    b, c, sat, h = 0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5)
-    ops = []
-    if b > 0:
-        ops.append(lambda x, sd: _brightness(x, sd, b))
-    if c > 0:
-        ops.append(lambda x, sd: tf.image.stateless_random_contrast(
-            x, max(1.0 - c, 0.0), 1.0 + c, sd))
-    if saturation and sat > 0:
-        ops.append(lambda x, sd: tf.image.stateless_random_saturation(
-            x, max(1.0 - sat, 0.0), 1.0 + sat, sd))
-    if hue and h > 0:
-        ops.append(lambda x, sd: tf.image.stateless_random_hue(x, h, sd))
-    if not ops:
-        return image
-
-    def _jitter(x, sd):
-        seeds = _split(sd, len(ops) + 1)
-        if random_order and len(ops) > 1:
-            perm = tf.argsort(tf.random.stateless_uniform([len(ops)], seeds[-1]))
-            for i in range(len(ops)):
-                branches = [lambda op=op, s_=s_, x=x: op(x, s_)
-                            for op, s_ in zip(ops, seeds)]
-                x = tf.clip_by_value(tf.switch_case(perm[i], branches), 0.0, 1.0)
-        else:
-            for op, s_ in zip(ops, seeds):
-                x = tf.clip_by_value(op(x, s_), 0.0, 1.0)
-        return x
-
-    return _random_apply(_jitter, p, image, seed)
+    post = PostCrop(flip=False, jitter_strength=strength, jitter_p=p, hue=hue,
+                    saturation=saturation)
+    params = post.draw(seed)
+    if not random_order and post.jitter_ops:
+        first, n = post.param_names.index("order_0"), len(post.jitter_ops)
+        params = tf.concat([params[:first], tf.range(n, dtype=tf.float32),
+                            params[first + n:]], axis=0)
+    return post.apply_photometric(image, params)
 
 
 def to_grayscale(image):
