@@ -186,25 +186,8 @@ def gaussian_blur(image, sigma, kernel_size=None):
     O(H*W*(H+W)), fine at training resolution (the presets blur after the crop/resize).
     """
     image = _as_image(image)
-    shape = tf.shape(image)
-    if kernel_size is None:
-        kernel_size = tf.minimum(shape[0], shape[1]) // 10
-    radius = tf.cast(kernel_size, tf.int32) // 2
-    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
-    sigma = tf.cast(sigma, tf.float32)
-    kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
-    kernel /= tf.reduce_sum(kernel)
-
-    def band(n):
-        # [n + 2r, n]: column j holds the kernel at rows j..j+2r ("VALID" conv of padded).
-        offset = tf.range(n + 2 * radius)[:, tf.newaxis] - tf.range(n)[tf.newaxis, :]
-        inside = (offset >= 0) & (offset <= 2 * radius)
-        return tf.where(inside, tf.gather(kernel, tf.clip_by_value(offset, 0, 2 * radius)),
-                        0.0)
-
-    padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    out = tf.einsum("hwc,wv->hvc", padded, band(shape[1]))
-    out = tf.einsum("hwc,hv->vwc", out, band(shape[0]))
+    sigma = tf.reshape(tf.cast(sigma, tf.float32), [1])
+    out = _gaussian_blur_batch(image[tf.newaxis], sigma, kernel_size)[0]
     return tf.ensure_shape(out, image.shape)
 
 
@@ -227,9 +210,10 @@ class PostCrop:
     op order, grayscale, blur sigma) as a float32 vector of ``num_params``; ``apply(image,
     params)`` applies them to one image with TF's fused per-image kernels (the host path) and
     ``apply_photometric_batch(images, params)`` applies the photometric part to a batch with
-    plain batched ops that compile under XLA (the accelerator path, ``placement="device"``). Both give the same image for the same
-    params (to float rounding), so moving the work to the accelerator keeps the augmentation
-    distribution and the determinism contract: the draws still come from each element's seed.
+    plain batched ops that compile under XLA (the accelerator path, ``placement="device"``).
+    Both give the same image for the same params (to float rounding), so moving the work to
+    the accelerator keeps the augmentation distribution and the determinism contract: the
+    draws still come from each element's seed.
 
     Order: flip -> rotation -> colour jitter (random order, clip after each op) -> grayscale
     -> Gaussian blur, each with its probability. The geometric ops (flip, rotation) always
@@ -341,12 +325,12 @@ class PostCrop:
         on = lambda name: per_image(col(name) > 0.5)  # noqa: E731
         if self.jitter_ops:
             jitter_on = col("jitter") > 0.5
+            one = tf.ones_like(col("jitter"))
             for i in range(len(self.jitter_ops)):
                 which = tf.cast(col(f"order_{i}"), tf.int32)
                 factor = {op: tf.where(jitter_on & tf.equal(which, k), col(f"factor_{op}"),
                                        1.0 if op != "hue" else 0.0)
                           for k, op in enumerate(self.jitter_ops)}
-                one = tf.ones_like(col("jitter"))
                 # brightness: f*x; contrast: f*x + (1-f)*mean; both are identity at f = 1.
                 contrast = factor.get("contrast", one)
                 scale = factor.get("brightness", one) * contrast
@@ -381,16 +365,20 @@ def _adjust_hsv_batch(images, saturation=None, hue=None):
     return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
 
 
-def _gaussian_blur_batch(images, sigmas):
-    """`gaussian_blur` for a batch with one sigma per image (same kernel-size rule)."""
+def _gaussian_blur_batch(images, sigmas, kernel_size=None):
+    """`gaussian_blur` for a batch [B, H, W, C] with one sigma per image: each 1-D pass is a
+    batched matmul with [B, n + 2r, n] banded (Toeplitz) matrices, column j holding image
+    b's kernel at rows j..j+2r (a "VALID" correlation of the reflect-padded image)."""
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
-    radius = (tf.minimum(h, w) // 10) // 2
+    if kernel_size is None:
+        kernel_size = tf.minimum(h, w) // 10
+    radius = tf.cast(kernel_size, tf.int32) // 2
     x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
     kernels = tf.exp(-tf.square(x)[tf.newaxis] / (2.0 * tf.square(sigmas)[:, tf.newaxis]))
     kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)
 
-    def bands(n):  # [B, n + 2r, n] banded matrices, one per image
+    def bands(n):
         offset = tf.range(n + 2 * radius)[:, tf.newaxis] - tf.range(n)[tf.newaxis, :]
         inside = (offset >= 0) & (offset <= 2 * radius)
         taps = tf.gather(kernels, tf.clip_by_value(offset, 0, 2 * radius), axis=1)
@@ -427,9 +415,10 @@ PLACEMENTS = ("host", "device")
 
 def post_crop(preset):
     """The `PostCrop` ops of a preset (everything after its random resized crop)."""
+    if preset == "none":
+        raise ValueError("preset 'none' is a resize only: it has no ops after a crop")
     if preset not in _PRESETS:
-        raise ValueError(f"Unknown augmentation preset {preset!r}"
-                         + ("" if preset == "none" else f"; valid: {', '.join(PRESETS)}"))
+        raise ValueError(f"Unknown augmentation preset {preset!r}; valid: {', '.join(PRESETS)}")
     return PostCrop(**_PRESETS[preset][1])
 
 
