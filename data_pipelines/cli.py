@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
-from data_pipelines import sources, writer
+from data_pipelines import prepare, sources, writer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(sources.SOURCES), "Dataset layout to convert.")
@@ -28,7 +28,15 @@ flags.DEFINE_list("split_fractions", ["0.7", "0.15", "0.15"],
 flags.DEFINE_integer("seed", 0, "Seed for the case split.")
 flags.DEFINE_integer("num_shards", None, "Shards per split (default: one per ~2000 images).")
 flags.DEFINE_integer("image_size", None, "Store images with the shorter side resized to this "
-                     "(default: original size).")
+                     "(default: original size).", lower_bound=1)
+flags.DEFINE_enum("duplicates", "reject", list(writer.DUPLICATE_POLICIES),
+                  "Images whose decoded pixels are already in another case: reject (keep the "
+                  "first in source order, reject later copies, naming both), group (keep them, "
+                  "every case sharing an image in one split) or allow (keep them; evaluation "
+                  "then refuses a split sharing an image with training).")
+flags.DEFINE_integer("max_image_pixels", prepare.DEFAULT_MAX_PIXELS, "Reject images whose "
+                     "declared width x height exceeds this, before decoding them (guards "
+                     "against decompression bombs).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace records already in --output_dir.")
 flags.DEFINE_enum("chexpert_labels", "all", ["all", "competition"],
                   "chexpert: the 14 observations, or the paper's 5 competition tasks "
@@ -50,35 +58,55 @@ def _fractions(values):
     return tuple(zip(("train", "val", "test"), parts))
 
 
+def _path(value):
+    """A user path with `~` expanded, absolute: what is printed is where the data went."""
+    return os.path.abspath(os.path.expanduser(value)) if value else value
+
+
+def _print_rejections(rejected, where, limit=20):
+    for r in rejected[:limit]:
+        print(f"  rejected {r['item']}: {r['reason']}")
+    if len(rejected) > limit:
+        print(f"  ... {len(rejected) - limit} more {where}")
+
+
 def main(argv):
     del argv
     if not FLAGS.source or not FLAGS.output_dir:
         raise app.UsageError("--source and --output_dir are required")
+    output_dir = _path(FLAGS.output_dir)
     module = sources.get_source(FLAGS.source)
     if FLAGS.salt:
         salt = FLAGS.salt.encode()
     else:
         salt = writer.load_or_create_salt(
-            FLAGS.salt_file or os.path.abspath(FLAGS.output_dir).rstrip(os.sep) + ".salt")
+            _path(FLAGS.salt_file) or output_dir.rstrip(os.sep) + ".salt")
     logging.info("micle-data: reading the %s source", FLAGS.source)
-    data = module.build(input_path=FLAGS.input, label_names=FLAGS.label_names, task=FLAGS.task,
-                        chexpert_labels=FLAGS.chexpert_labels, chexpert_case=FLAGS.chexpert_case,
-                        frontal_only=FLAGS.frontal_only, dicom_case=FLAGS.dicom_case,
-                        dicom_labels=FLAGS.dicom_labels)
+    data = module.build(input_path=_path(FLAGS.input), label_names=FLAGS.label_names,
+                        task=FLAGS.task, chexpert_labels=FLAGS.chexpert_labels,
+                        chexpert_case=FLAGS.chexpert_case, frontal_only=FLAGS.frontal_only,
+                        dicom_case=FLAGS.dicom_case, dicom_labels=_path(FLAGS.dicom_labels))
     logging.info("micle-data: %d cases, %d image rows described (%d rejected before loading)",
                  len(data.cases), data.items_read, len(data.rejected))
-    info = writer.write_dataset(data, FLAGS.output_dir, salt,
-                                fractions=_fractions(FLAGS.split_fractions), seed=FLAGS.seed,
-                                num_shards=FLAGS.num_shards, resize_to=FLAGS.image_size,
-                                overwrite=FLAGS.overwrite)
+    try:
+        info = writer.write_dataset(data, output_dir, salt,
+                                    fractions=_fractions(FLAGS.split_fractions),
+                                    seed=FLAGS.seed, num_shards=FLAGS.num_shards,
+                                    resize_to=FLAGS.image_size, overwrite=FLAGS.overwrite,
+                                    duplicates=FLAGS.duplicates,
+                                    max_pixels=FLAGS.max_image_pixels)
+    except writer.EmptyDatasetError as e:
+        print(f"micle-data: error: {e}; nothing was written to {output_dir}", file=sys.stderr)
+        _print_rejections(e.rejected, "rejections")
+        return 1
     summary = ", ".join(f"{k} {v['cases']} cases / {v['images']} images"
                         for k, v in info["splits"].items())
+    dup = info["duplicates"]
     print(f"micle-data: {info['num_cases']} cases, {info['num_images']} images -> "
-          f"{FLAGS.output_dir} ({summary}); rejected {info['num_rejected']}")
-    for r in info["rejected"][:20]:
-        print(f"  rejected {r['item']}: {r['reason']}")
-    if info["num_rejected"] > 20:
-        print(f"  ... {info['num_rejected'] - 20} more in dataset_info.json")
+          f"{output_dir} ({summary}); rejected {info['num_rejected']}; duplicates "
+          f"({dup['policy']}): {dup['across_cases']} across cases, {dup['within_case']} within "
+          f"cases, {dup['across_splits']} across splits")
+    _print_rejections(info["rejected"], "in dataset_info.json")
 
 
 def run():

@@ -123,6 +123,30 @@ def check_shard_sizes(files, info, split):
                                    f"micle-data or restore the file")
 
 
+def read_pixel_hashes(data_dir, split, info=None):
+    """{pixel_sha256: number of images} of a split, reading only the hash and id features
+    (fast: no image bytes are decoded). Empty for records written before the hashes existed;
+    `missing` images without a hash are counted under the key None."""
+    info = info or read_info(data_dir)
+    files = list_shards(data_dir, split)
+    check_shard_sizes(files, info, split)
+    counts = {}
+    for path in files:
+        ds = tf.data.TFRecordDataset(path).map(schema.parse_pixel_hashes)
+        try:
+            for case in ds.as_numpy_iterator():
+                hashes = case["pixel_sha256"]
+                if len(hashes) == 0:
+                    counts[None] = counts.get(None, 0) + 1
+                for h in hashes:
+                    key = h.decode()
+                    counts[key] = counts.get(key, 0) + 1
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            raise ShardError(path, f"{path}: truncated or corrupt TFRecord shard "
+                                   f"({_tf_message(e)})") from None
+    return counts
+
+
 def _case_filter(case_ids):
     keys = tf.constant(sorted(set(case_ids)), tf.string)
     table = tf.lookup.StaticHashTable(
@@ -365,18 +389,78 @@ def distributed_dataset(strategy, data_dir, split, mode, global_batch_size, imag
 
 def read_case_index(data_dir, split, info=None):
     """[(case_id, label, num_images)] of a split, in record order, without decoding images.
-    Used to pick label-fraction subsets and to check split disjointness."""
+    Used to pick label-fraction subsets and to check split disjointness.
+
+    Reads shard by shard and raises ShardError naming the file for a corrupt record, a record
+    that does not parse, or a file whose size is not the sum of its records' (a shard cut
+    inside a record header, which TF reads as a clean end of file): the index is read before
+    fine-tuning and evaluation, so a damaged shard stops them with its name instead of losing
+    cases silently, also for records written without `shard_bytes` in dataset_info.json."""
     info = info or read_info(data_dir)
     task, num_classes = info["task"], len(info["label_names"])
-    out = []
     files = list_shards(data_dir, split)
     check_shard_sizes(files, info, split)
-    ds = tf.data.TFRecordDataset(files).map(lambda r: schema.parse_case(r, task, num_classes))
-    for case in ds.as_numpy_iterator():
-        label = case["label"]
-        if task == "multiclass":
-            label = int(label) if int(label) >= 0 else None
-        else:
-            label = [int(v) for v in label] if (label != schema.MISSING).any() else None
-        out.append((case["case_id"].decode(), label, len(case["encoded"])))
+
+    def summary(record):
+        case = schema.parse_case(record, task, num_classes)
+        return (case["case_id"], case["label"], tf.shape(case["encoded"])[0],
+                tf.strings.length(record, unit="BYTE"))
+
+    out = []
+    for path in files:
+        ds = tf.data.TFRecordDataset(path).map(summary, num_parallel_calls=tf.data.AUTOTUNE,
+                                               deterministic=True).batch(1024)
+        n = nbytes = 0
+        for case_ids, labels, num_images, lengths in _read_shard(ds, path, task, num_classes):
+            n += len(case_ids)
+            nbytes += int(lengths.sum(dtype="int64")) + 16 * len(case_ids)  # framing
+            for case_id, label, count in zip(case_ids, labels, num_images):
+                if task == "multiclass":
+                    label = int(label) if int(label) >= 0 else None
+                else:
+                    label = ([int(v) for v in label] if (label != schema.MISSING).any()
+                             else None)
+                out.append((case_id.decode(), label, int(count)))
+        size = tf.io.gfile.stat(path).length
+        if size != nbytes:
+            raise ShardError(path, f"{path}: truncated TFRecord shard ({size - nbytes} bytes "
+                                   f"after the last complete record, {n} records read; cut "
+                                   f"short or with bytes appended); rewrite it with "
+                                   f"micle-data or restore the file")
     return out
+
+
+def _read_shard(ds, path, task, num_classes):
+    """Yields the numpy elements of `ds` (one shard), turning read and parse errors into a
+    ShardError naming `path`."""
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.DataLossError as e:
+        good = _records_before_error(path, task, num_classes)
+        raise ShardError(path, f"{path}: truncated or corrupt TFRecord shard (read {good} "
+                               f"good records; {_tf_message(e)})") from None
+    except tf.errors.InvalidArgumentError as e:
+        good = _records_before_error(path, task, num_classes)
+        msg = _tf_message(e)  # TF quotes the whole record when it is not an Example
+        msg = msg if len(msg) <= 400 else msg[:400] + " ..."
+        raise ShardError(path, f"{path}: record {good} is invalid: {msg}") from None
+    except UnicodeDecodeError:
+        # TF quotes the record's raw bytes in the message of a record that is not a
+        # tf.train.Example; its Python wrapper then fails to decode the message itself.
+        good = _records_before_error(path, task, num_classes)
+        raise ShardError(path, f"{path}: record {good} is invalid: not a serialized "
+                               f"tf.train.Example (binary garbage)") from None
+
+
+def _records_before_error(path, task, num_classes):
+    """How many records of `path` read and parse before the first error (the error path of
+    `read_case_index`, which reads in batches)."""
+    ds = tf.data.TFRecordDataset(path).map(
+        lambda r: tf.shape(schema.parse_case(r, task, num_classes)["encoded"])[0])
+    n = 0
+    try:
+        for _ in ds:
+            n += 1
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, UnicodeDecodeError):
+        pass
+    return n

@@ -9,8 +9,14 @@ Feature keys (the on-disk contract; also listed in the README):
 | `image/encoded`    | bytes [N]       | PNG or JPEG bytes, decoded in the pipeline                   |
 | `image/format`     | bytes [N]       | "png" or "jpeg"                                               |
 | `image/view`       | bytes [N]       | view tag where known ("PA", "lateral", ...), else ""          |
+| `image/pixel_sha256` | bytes [N]     | SHA-256 (hex) of the decoded pixels with shape and bit depth  |
 | `label/class`      | int64 [0 or 1]  | multiclass: index into `label_names`; absent = unlabelled     |
 | `label/multi`      | int64 [0 or C]  | multilabel: one code per label name (see below); absent = none|
+
+`image/pixel_sha256` identifies content, not a person: the hash of what TensorFlow decodes
+(after grey -> RGB tiling and alpha removal), so two files holding the same picture share it. The
+writer rejects or groups such copies; the evaluator refuses a split sharing one with training
+(see `data_pipelines.prepare`). Records written before it existed simply lack the key.
 
 Multilabel codes: 1 positive, 0 negative, -1 uncertain (e.g. CheXpert's -1.0), -2 missing
 (a blank cell). Keeping uncertain and missing distinct lets fine-tuning choose a policy later.
@@ -25,6 +31,7 @@ NUM_IMAGES = "case/num_images"
 IMAGE_ENCODED = "image/encoded"
 IMAGE_FORMAT = "image/format"
 IMAGE_VIEW = "image/view"
+IMAGE_PIXEL_SHA256 = "image/pixel_sha256"
 LABEL_CLASS = "label/class"
 LABEL_MULTI = "label/multi"
 
@@ -43,9 +50,10 @@ def _ints(values):
 
 
 def encode_case(case_id, images, formats, views=None, label=None, task="multiclass",
-                num_classes=None):
+                num_classes=None, pixel_sha256=None):
     """Serialises one case. `label` is an int (multiclass), a sequence of codes (multilabel)
-    or None (unlabelled). Validates everything a reader later relies on."""
+    or None (unlabelled); `pixel_sha256` one hex digest per image (the writer always gives
+    them). Validates everything a reader later relies on."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if not images:
@@ -55,6 +63,9 @@ def encode_case(case_id, images, formats, views=None, label=None, task="multicla
     views = list(views) if views is not None else [""] * len(images)
     if len(views) != len(images):
         raise ValueError(f"case {case_id}: {len(images)} images but {len(views)} view tags")
+    if pixel_sha256 is not None and len(pixel_sha256) != len(images):
+        raise ValueError(f"case {case_id}: {len(images)} images but {len(pixel_sha256)} "
+                         "pixel hashes")
     for f in formats:
         if f not in IMAGE_FORMATS:
             raise ValueError(f"case {case_id}: image format {f!r} not in {IMAGE_FORMATS}")
@@ -65,6 +76,8 @@ def encode_case(case_id, images, formats, views=None, label=None, task="multicla
         IMAGE_FORMAT: _bytes(f.encode() for f in formats),
         IMAGE_VIEW: _bytes(v.encode() for v in views),
     }
+    if pixel_sha256 is not None:
+        feature[IMAGE_PIXEL_SHA256] = _bytes(h.encode() for h in pixel_sha256)
     if label is not None:
         if task == "multiclass":
             label = int(label)
@@ -91,6 +104,18 @@ _FEATURE_SPEC = {
     LABEL_CLASS: tf.io.VarLenFeature(tf.int64),
     LABEL_MULTI: tf.io.VarLenFeature(tf.int64),
 }
+
+
+_HASH_SPEC = {CASE_ID: tf.io.FixedLenFeature([], tf.string),
+              IMAGE_PIXEL_SHA256: tf.io.VarLenFeature(tf.string)}
+
+
+def parse_pixel_hashes(serialized):
+    """{"case_id", "pixel_sha256": tf.string [N] (empty for records written before the key
+    existed)} of one serialized case, without touching the image bytes."""
+    ex = tf.io.parse_single_example(serialized, _HASH_SPEC)
+    return {"case_id": ex[CASE_ID],
+            "pixel_sha256": tf.sparse.to_dense(ex[IMAGE_PIXEL_SHA256], default_value="")}
 
 
 def parse_case(serialized, task, num_classes):

@@ -72,6 +72,23 @@ def split_cases(case_ids, labels=None, fractions=DEFAULT_FRACTIONS, seed=0):
     return out
 
 
+def split_groups(groups, labels=None, fractions=DEFAULT_FRACTIONS, seed=0):
+    """`split_cases` for groups of cases that must share a split (cases holding the same image,
+    `micle-data --duplicates=group`): each group is split as one unit, stratified by the label
+    of its first case, then expanded. Split sizes follow the fractions in groups, so large
+    groups make them coarser. `groups`: lists of case ids; `labels[i]` is group i's label."""
+    groups = [list(g) for g in groups]
+    if any(not g for g in groups):
+        raise ValueError("empty group given to split_groups")
+    leaders = [g[0] for g in groups]
+    by_leader = dict(zip(leaders, groups))
+    assignment = split_cases(leaders, labels, fractions=fractions, seed=seed)
+    out = {name: sorted(c for leader in ids for c in by_leader[leader])
+           for name, ids in assignment.items()}
+    check_disjoint(out)
+    return out
+
+
 def label_fraction_subset(case_ids, labels, fraction, seed=0):
     """The cases used for a label-efficiency run: `fraction` of the labelled cases, stratified.
 

@@ -33,7 +33,7 @@ def two_replica_strategy():
 
 @pytest.fixture(scope="session")
 def ph2_records(tmp_path_factory):
-    """The embedded PH² set converted once per test session (199 lesion bags, 3,980 patches)."""
+    """The embedded PH² set converted once per test session (199 lesion bags of 10 distinct patches; the 1,990 copies rejected)."""
     from data_pipelines import writer
     from data_pipelines.sources import ph2
 

@@ -187,6 +187,10 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
     seen_uid = {}
     for path, rel in _walk(root):
         read += 1
+        if not os.path.isfile(path):  # a FIFO would block dcmread forever
+            rejected.append({"item": rel, "kind": "image",
+                             "reason": "not a regular file (a FIFO, device or socket)"})
+            continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
         except InvalidDicomError:

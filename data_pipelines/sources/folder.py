@@ -4,37 +4,55 @@ Columns: `case_id` (patient/case), `image_path` (relative to the CSV's folder, o
 optional `label` and optional `view`. With `task="multilabel"` the label cell holds the positive
 label names separated by `|` (empty = all negative). `label_names` fixes the vocabulary and its
 order; otherwise it is inferred from the CSV and sorted. A CSV without a `label` column is an
-unlabelled set (fine for pretraining). Rows are named in rejections by CSV line number
-(`file.csv:17`), never by their path or case id.
+unlabelled set (fine for pretraining), unless `label_names` is given or a column is spelt
+`Label`/`LABEL`: then it is an error, not a silently unlabelled set. The CSV must be UTF-8 (a
+BOM is fine). Rows are named in rejections by CSV line number (`file.csv:17`), never by their
+path or case id.
 """
 import collections
 import csv
 import os
 
-from data_pipelines.writer import SourceCase, SourceData, SourceImage
+from data_pipelines.writer import SourceCase, SourceData, SourceImage, file_loader
 
 REQUIRED_COLUMNS = ("case_id", "image_path")
 
 
-def _loader(path):
-    def load():
-        with open(path, "rb") as f:
-            return f.read()
-    return load
+def read_csv_rows(path, required=REQUIRED_COLUMNS, columns_out=None):
+    """Yields (line_number, row dict); raises ValueError naming missing columns, or naming the
+    first line that is not UTF-8 (a UTF-8 BOM is fine). `columns_out`, a list, receives the
+    header's (stripped) column names once the header is read."""
+    name = os.path.basename(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if columns_out is not None:
+                columns_out[:] = columns
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise ValueError(f"{name}: missing required column(s) {missing}; "
+                                 f"found {columns}")
+            reader.fieldnames = columns
+            for i, row in enumerate(reader, start=2):
+                yield i, {k: (v or "").strip() for k, v in row.items() if k is not None}
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8_message(path, name, e)) from None
 
 
-def read_csv_rows(path, required=REQUIRED_COLUMNS):
-    """Yields (line_number, row dict); raises ValueError naming missing columns."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ValueError(f"{os.path.basename(path)}: missing required column(s) {missing}; "
-                             f"found {columns}")
-        reader.fieldnames = columns
-        for i, row in enumerate(reader, start=2):
-            yield i, {k: (v or "").strip() for k, v in row.items() if k is not None}
+def _not_utf8_message(path, name, error):
+    """Names the first line of `path` that does not decode as UTF-8 (a newline byte is never
+    part of a multi-byte UTF-8 sequence, so lines can be checked one by one)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{name}: line {number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                        f"at column {e.start + 1}; the file looks like Latin-1/Windows-1252 "
+                        f"or another legacy encoding); re-save the CSV as UTF-8 (e.g. "
+                        f"\"CSV UTF-8\" in Excel, or iconv -f latin1 -t utf-8)")
+    return f"{name}: not valid UTF-8 ({error.reason}); re-save the CSV as UTF-8"
 
 
 def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
@@ -78,13 +96,15 @@ def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
         images, seen = [], {}
         for item, path, _, view in entry["rows"]:
             full = resolve_path(path)
-            if full in seen:
+            # "a.png", "./a.png" and "sub/../a.png" name one file
+            same = os.path.normcase(os.path.normpath(os.path.abspath(full)))
+            if same in seen:
                 rejected.append({"item": item, "kind": "image",
                                  "reason": f"duplicate image within the case (same file as "
-                                           f"{seen[full]})"})
+                                           f"{seen[same]})"})
                 continue
-            seen[full] = item
-            images.append(SourceImage(item=item, load=_loader(full), view=view))
+            seen[same] = item
+            images.append(SourceImage(item=item, load=file_loader(full), view=view))
         if not images:
             rejected.append({"item": f"case at {span}", "kind": "case",
                              "reason": "empty case: every row was rejected"})
@@ -111,6 +131,20 @@ def _parse_label(text, index, task):
     return codes
 
 
+def _check_label_column(csv_name, columns, label_names):
+    """A CSV without a `label` column is an unlabelled set, unless the user clearly meant one:
+    `label_names` given, or a column spelt "Label"/"LABEL"."""
+    near = [c for c in columns if c.lower() == "label"]
+    if near:
+        raise ValueError(f"{csv_name}: the label column must be called 'label' (lower case), "
+                         f"found {near[0]!r}; columns found: {columns}")
+    if label_names:
+        raise ValueError(f"{csv_name}: --label_names was given but the CSV has no 'label' "
+                         f"column (columns found: {columns}); the label column must be "
+                         f"called 'label' (rename it, or drop --label_names for an "
+                         f"unlabelled set)")
+
+
 def build(input_path=None, label_names=None, task="multiclass", **_):
     if not input_path:
         raise ValueError("the folder source needs --input=path/to/images.csv")
@@ -120,8 +154,11 @@ def build(input_path=None, label_names=None, task="multiclass", **_):
         raise ValueError(f"unknown task {task!r}")
     base = os.path.dirname(os.path.abspath(input_path))
     csv_name = os.path.basename(input_path)
-    rows = list(read_csv_rows(input_path))
-    has_label = bool(rows) and "label" in rows[0][1]
+    columns = []
+    rows = list(read_csv_rows(input_path, columns_out=columns))
+    has_label = "label" in columns
+    if not has_label:
+        _check_label_column(csv_name, columns, label_names)
     if label_names:
         names = list(label_names)
         if len(set(names)) != len(names):

@@ -3,8 +3,8 @@
 - `evaluate_model_dir`: one model_dir on one split -> `metrics_{split}.json` (DESIGN.md keys),
   `report_{split}.md`, `roc_{split}.png` and (multiclass) `confusion_{split}.png`. Before any
   prediction it refuses (ValueError) when the dataset's task/label names differ from the
-  model's, or when a case of the evaluated split is one the model (or its pretraining run) was
-  trained on.
+  model's, when a case of the evaluated split is one the model (or its pretraining run) was
+  trained on, or when one of its images has the same decoded pixels as a training image.
 - `evaluate_shift`: the same model on an in-distribution and a shifted dataset ->
   `shift_{split}.json` with both metric sets and the gaps (in-distribution minus shifted).
 - `run_sweep`: label-efficiency sweep (init x label fraction x seed) -> `sweep.json`,
@@ -113,10 +113,57 @@ def check_no_leakage(model_dir, cfg, facts, data_dir, split, info=None):
     return eval_ids
 
 
+def check_no_image_leakage(model_dir, cfg, facts, data_dir, split, info=None):
+    """Raises ValueError when an image of `split` has the same decoded pixels (pixel_sha256)
+    as an image the model or its pretraining run trained on: the training split of
+    `data_dir`, the fine-tuning data's training split, and the pretraining data's training
+    split. A copy under another case id (or in another data set) leaks as surely as a shared
+    case, and pixel hashes, unlike case ids, do not depend on the salt. Records written before
+    the hashes existed are not checked (a warning says so)."""
+    info = info or read_info(data_dir)
+    evaluated = reader.read_pixel_hashes(data_dir, split, info=info)
+    label = f"evaluated split {split!r} of {data_dir}"
+    if not evaluated or None in evaluated:
+        logging.warning("%s holds images without pixel hashes (records written by an older "
+                        "micle-data): the image-level leakage check is skipped; rewrite the "
+                        "records with micle-data to enable it", label)
+        return
+    same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)  # noqa: E731
+    candidates = [(data_dir, cfg.train_split)]
+    ft_data = facts.get("data_dir") or cfg.data_dir
+    if ft_data:
+        candidates.append((ft_data, cfg.train_split))
+    init = cfg.init_from or "none"
+    pre = _load_json(os.path.join(init, "pretrain_config.json")) if init != "none" else None
+    if pre and pre["config"].get("data_dir") and pre["config"].get("train_split"):
+        candidates.append((pre["config"]["data_dir"], pre["config"]["train_split"]))
+    checked = []
+    for other_dir, other_split in candidates:
+        if (same(other_dir, data_dir) and other_split == split) or any(
+                same(other_dir, d) and other_split == sp for d, sp in checked):
+            continue  # the split itself (the case check covers it), or already compared
+        checked.append((other_dir, other_split))
+        try:
+            trained = reader.read_pixel_hashes(other_dir, other_split)
+        except (FileNotFoundError, ValueError) as e:
+            logging.warning("cannot read the pixel hashes of split %r of %s (%s): that part of "
+                            "the image-level leakage check is skipped", other_split, other_dir, e)
+            continue
+        shared = [h for h in evaluated if h in trained]
+        if shared:
+            n = sum(evaluated[h] for h in shared)
+            raise ValueError(
+                f"refusing to evaluate (image leakage): {n} of {sum(evaluated.values())} images "
+                f"of {label} have the same decoded pixels as images of training split "
+                f"{other_split!r} of {other_dir} ({len(shared)} distinct contents). Rewrite the "
+                "records with micle-data --duplicates=reject (the default) or =group")
+
+
 def _check(model_dir, cfg, facts, data_dir, split):
     info = read_info(data_dir)
     check_compatible(facts, info, data_dir)
     check_no_leakage(model_dir, cfg, facts, data_dir, split, info)
+    check_no_image_leakage(model_dir, cfg, facts, data_dir, split, info)
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -20,9 +20,9 @@ def test_cli_ph2_end_to_end(tmp_path):
     out = tmp_path / "ph2"
     proc = micle_data("--source=ph2", f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "199 cases, 3980 images" in proc.stdout
+    assert "199 cases, 1990 images" in proc.stdout and "rejected 1990" in proc.stdout
     info = json.loads((out / "dataset_info.json").read_text())
-    assert info["num_cases"] == 199 and info["num_images"] == 3980
+    assert info["num_cases"] == 199 and info["num_images"] == 1990
     assert sum(s["cases"] for s in info["splits"].values()) == 199
     assert (tmp_path / "ph2.salt").exists() and not (out / "ph2.salt").exists()
     assert "micle-data:" in proc.stderr  # progress is logged

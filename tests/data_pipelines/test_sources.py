@@ -12,18 +12,19 @@ from tests.data_pipelines.images import coded_rgb, encode
 
 def test_ph2_records(ph2_records):
     info = writer.read_info(ph2_records)
-    assert info["num_cases"] == 199 and info["num_images"] == 3980
+    assert info["num_cases"] == 199 and info["num_images"] == 1990
     assert info["items_read"] == info["items_written"] + info["items_rejected"] == 3980
-    assert info["num_rejected"] == 0 and info["task"] == "multiclass"
+    assert info["num_rejected"] == 1990 and info["task"] == "multiclass"
+    assert all(r["item"].endswith("b.bmp") for r in info["rejected"])
     assert info["label_names"] == ph2.LABEL_NAMES
     index = {s: reader.read_case_index(ph2_records, s) for s in ("train", "val", "test")}
     splits.check_disjoint({s: [c for c, _, _ in rows] for s, rows in index.items()})
     for s, rows in index.items():
         files = reader.list_shards(ph2_records, s)
-        assert info["splits"][s] == {"cases": len(rows), "images": 20 * len(rows),
+        assert info["splits"][s] == {"cases": len(rows), "images": 10 * len(rows),
                                      "shards": len(files),
                                      "shard_bytes": [os.path.getsize(f) for f in files]}
-        assert all(n == 20 for _, _, n in rows)
+        assert all(n == 10 for _, _, n in rows)
     # independent label reference: the CSV's Labels column, lesions 0..198
     with open(os.path.join(ph2.package_data_dir(), "ShapeScores.csv")) as f:
         expected = collections.Counter(int(r["Labels"]) for r in list(csv.DictReader(f))[:199])
@@ -49,12 +50,14 @@ def test_ph2_missing_patch_is_rejected_by_name(tmp_path):
     for name in ("patch0a.bmp", "patch0b.bmp"):
         (patches / name).write_bytes(
             open(os.path.join(src_dir, "patchesDataSet", "Similar", name), "rb").read())
-    source = ph2.build(data_dir=str(data))
-    source.cases = source.cases[:1]
-    source.items_read = 20
+    source = ph2.first_lesions(ph2.build(data_dir=str(data)), 1)
+    assert source.items_read == 20
     info = writer.write_dataset(source, str(tmp_path / "out"), b"s", fractions=(("train", 1),))
-    assert info["num_images"] == 2 and info["items_rejected"] == 18
+    assert info["num_images"] == 1 and info["items_rejected"] == 19
     assert {"item": "patch1a.bmp", "kind": "image", "reason": "missing file"} in info["rejected"]
+    assert {"item": "patch1b.bmp", "kind": "image", "reason": "missing file"} in info["rejected"]
+    reasons = {r["item"]: r["reason"] for r in info["rejected"]}
+    assert "patch0a.bmp" in reasons["patch0b.bmp"]  # its partner, found by content
 
 
 def _write_folder_fixture(root):

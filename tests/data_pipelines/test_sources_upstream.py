@@ -316,8 +316,9 @@ def test_dicom_label_conflicts_and_ambiguous_names(tmp_path):
                                     "c/img.dcm,z\n")
     source = dicom.build(input_path=str(folder), dicom_labels=str(tmp_path / "l.csv"),
                          label_names=["x", "y"])
-    why = reasons(writer.write_dataset(source, str(tmp_path / "o"), SALT,
-                                       fractions=(("train", 1.0),)))
+    with pytest.raises(writer.EmptyDatasetError) as e:  # every image rejected: nothing written
+        writer.write_dataset(source, str(tmp_path / "o"), SALT, fractions=(("train", 1.0),))
+    why = {r["item"]: r["reason"] for r in e.value.rejected}
     assert why["a/img.dcm"].startswith("conflicting labels within one case")
     assert why["b/img.dcm"].startswith("conflicting labels within one case")
     assert why["l.csv:4"].startswith("file name matches 3 DICOM files")

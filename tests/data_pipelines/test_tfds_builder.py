@@ -18,10 +18,8 @@ NUM_LESIONS = 10
 
 @pytest.fixture(scope="module")
 def small_ph2(tmp_path_factory):
-    """The first 10 PH² lesion bags (20 patches each) as records."""
-    src = ph2.build()
-    src.cases = src.cases[:NUM_LESIONS]
-    src.items_read = sum(len(c.images) for c in src.cases)
+    """The first 10 PH² lesion bags (10 distinct patches each) as records."""
+    src = ph2.first_lesions(ph2.build(), NUM_LESIONS)
     out = str(tmp_path_factory.mktemp("ph2_small"))
     info = writer.write_dataset(src, out, salt=b"tfds-test", seed=0, overwrite=True)
     return out, info
@@ -70,7 +68,7 @@ def test_prepare_reads_every_case_image_and_label(prepared):
             assert int(ex["label"]) == label
             assert list(ex["views"]) == [b""] * n
             total_images += n
-    assert total_images == info["num_images"] == NUM_LESIONS * 20
+    assert total_images == info["num_images"] == NUM_LESIONS * ph2.PATCHES_PER_LESION
 
     # Pixels are the records' (PNG, lossless): compare one case with a PIL decode of its bytes.
     first = next(iter(tf.data.TFRecordDataset(reader.list_shards(records, "train")).map(

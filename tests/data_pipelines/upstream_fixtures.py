@@ -352,7 +352,7 @@ def write_dicom_folder(root):
     rg1 = pydicom.data.get_testdata_file("RG1_UNCI.dcm")
     shutil.copy(rg1, os.path.join(folder, "patientA", "RG1_UNCI.dcm"))          # real CR, PA
     write_synthetic_dicom(os.path.join(folder, "patientA", "IM000002"),        # no extension
-                          _bands(SYN_MINMAX_STORED), "9RG1", "2", study_suffix="78",
+                          _bands(SYN_MINMAX_STORED[::-1]), "9RG1", "2", study_suffix="78",
                           ViewPosition="AP")
     write_synthetic_dicom(os.path.join(folder, "syn", "mono1.dcm"), _bands(SYN_STORED),
                           "SYN-PATIENT-0001", "3", PhotometricInterpretation="MONOCHROME1",

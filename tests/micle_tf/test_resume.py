@@ -30,13 +30,11 @@ RUN_TIMEOUT = 240  # seconds for one CLI run (a loaded 2-core machine)
 
 
 def write_tiny_records(out_dir, num_cases=16, num_shards=2, fractions=(("train", 1.0),)):
-    """The first `num_cases` PH² lesions (20 patches each), all in `train`, `num_shards` shards."""
+    """The first `num_cases` PH² lesions (10 patches each), all in `train`, `num_shards` shards."""
     from data_pipelines import writer
     from data_pipelines.sources import ph2
 
-    source = ph2.build()
-    source.cases = source.cases[:num_cases]
-    source.items_read = sum(len(c.images) for c in source.cases)
+    source = ph2.first_lesions(ph2.build(), num_cases)
     writer.write_dataset(source, str(out_dir), salt=b"tiny", seed=0, fractions=fractions,
                          num_shards=num_shards, overwrite=True)
     return str(out_dir)
