@@ -100,7 +100,8 @@ Learning) uses two *different* images of the same patient case, each augmented, 
 learns what stays the same across views of one lesion rather than only across augmentations.
 Both share the model and the NT-Xent loss; they differ only in where the pair comes from.
 
-Data: 199 lesions × 20 RGB patches of 32×32 px, labelled with the lesion's asymmetry grade.
+Data: 199 lesions × 10 distinct RGB patches of 32×32 px (the package's 1,990 "b" patches are
+copies of "a" patches and are rejected), labelled with the lesion's asymmetry grade.
 {PH2_CITATION}.
 """),
     INSTALL_MD,
@@ -407,7 +408,7 @@ else:
     N_BOOT = 1000
 
 print("TensorFlow", tf.__version__, "| GPUs:", len(tf.config.list_physical_devices("GPU")))
-PH2_CASES = ph2.build().cases  # raw material for the fixtures: 199 lesions x 20 patches
+PH2_CASES = ph2.build().cases  # raw material for the fixtures: 199 lesions x 10 patches
 
 
 def save_image(source_image, path, fmt):

@@ -1,6 +1,6 @@
 """Stateless, per-image data augmentation for SimCLR / MICLe pretraining and fine-tuning.
 
-Presets (``build_augment(preset, image_size)`` -> ``fn(image, seed)``):
+Presets (``build_augment(preset, image_size)`` -> ``fn(image, seed)``), as specified at 224 px:
 
 * ``"derm"``     SimCLR's ImageNet set (Chen et al. 2020; google-research/simclr
   ``tf2/data_util.py``): random resized crop (area 0.08-1) -> horizontal flip ->
@@ -11,6 +11,15 @@ Presets (``build_augment(preset, image_size)`` -> ``fn(image, seed)``):
 * ``"finetune"`` Supervised fine-tuning: milder crop (area 0.5-1) -> flip ->
   rotation (+-15 deg); no colour changes (colour can carry diagnostic signal).
 * ``"none"``     ``resize_for_eval`` only; the seed is ignored.
+
+Size scaling (`preset_settings(preset, image_size, color_jitter_strength, crop_area_min)`
+resolves a preset at a size; `build_augment` and `post_crop` use it): the blur kernel stays
+SimCLR's 10% of the side, sigma is U(0.1, 2.0) * side / 224 and blur is skipped when the
+kernel would be under 3 taps (sides < 20 px). Images of <= ``SMALL_IMAGE_MAX_SIZE`` (64) px
+take ``SMALL_IMAGE_DEFAULTS`` instead of the 224-px values: for "derm" a PROVISIONAL
+CIFAR-like set (SimCLR uses jitter 0.5 and no blur for 32-px CIFAR): jitter strength 0.5,
+no blur, grayscale p=0.2, crop area 0.2-1. ``color_jitter_strength`` and ``crop_area_min``
+override the defaults for any size.
 
 Every preset is a random resized crop followed by `PostCrop` ops whose random draws are made
 explicit (a small float vector per view). With ``placement="device"`` the input pipeline only
@@ -222,8 +231,12 @@ class PostCrop:
     """
 
     def __init__(self, flip=True, max_degrees=0.0, jitter_strength=0.0, jitter_p=0.0,
-                 hue=True, saturation=True, gray_p=0.0, blur_p=0.0, sigma_range=(0.1, 2.0)):
+                 hue=True, saturation=True, gray_p=0.0, blur_p=0.0, sigma_range=(0.1, 2.0),
+                 kernel_size=None):
         self.flip, self.max_degrees = bool(flip), float(max_degrees)
+        # Blur kernel (taps, odd; radius = kernel_size // 2). None: SimCLR's side // 10 of
+        # the image being blurred, i.e. the kernel `preset_settings` resolves for that side.
+        self.kernel_size = None if kernel_size is None else int(kernel_size)
         s = float(jitter_strength)
         ranges = {"brightness": (max(1.0 - 0.8 * s, 0.0), 1.0 + 0.8 * s),
                   "contrast": (max(1.0 - 0.8 * s, 0.0), 1.0 + 0.8 * s),
@@ -243,6 +256,17 @@ class PostCrop:
 
     def _index(self, name):
         return self.param_names.index(name)
+
+    def _check_params(self, params):
+        """Params drawn by a PostCrop with other ops (e.g. colour strength 0 vs > 0) have
+        another layout: fail loudly instead of reading the wrong columns."""
+        n = params.shape[-1] if params.shape.rank else None
+        if n is not None and n != self.num_params:
+            raise ValueError(
+                f"augmentation params have {n} columns but this PostCrop expects "
+                f"{self.num_params} {self.param_names}: build it with the settings of the "
+                "build_augment that drew them (post_crop(preset, image_size, "
+                "color_jitter_strength))")
 
     # -- host: the random draws
     def draw(self, seed):
@@ -279,6 +303,8 @@ class PostCrop:
 
     def apply_photometric(self, image, params):
         """Colour jitter, grayscale and blur of one [H, W, 3] image, fused per-image kernels."""
+        params = tf.convert_to_tensor(params, tf.float32)
+        self._check_params(params)
         p = lambda name: params[self._index(name)]  # noqa: E731
         x = _as_image(image)
         if self.jitter_ops:
@@ -298,7 +324,8 @@ class PostCrop:
         if self.gray_p:
             x = tf.cond(p("gray") > 0.5, lambda: to_grayscale(x), lambda: x)
         if self.blur_p:
-            x = tf.cond(p("blur") > 0.5, lambda: gaussian_blur(x, p("sigma")), lambda: x)
+            x = tf.cond(p("blur") > 0.5,
+                        lambda: gaussian_blur(x, p("sigma"), self.kernel_size), lambda: x)
         return x
 
     def apply(self, image, params):
@@ -320,6 +347,7 @@ class PostCrop:
         op each view drew for that round."""
         x = tf.convert_to_tensor(images, tf.float32)
         params = tf.convert_to_tensor(params, tf.float32)
+        self._check_params(params)
         col = lambda name: params[:, self._index(name)]  # noqa: E731
         per_image = lambda v: v[:, tf.newaxis, tf.newaxis, tf.newaxis]  # noqa: E731
         on = lambda name: per_image(col(name) > 0.5)  # noqa: E731
@@ -348,7 +376,7 @@ class PostCrop:
         if self.gray_p:
             x = tf.where(on("gray"), tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]), x)
         if self.blur_p:
-            x = tf.where(on("blur"), _gaussian_blur_batch(x, col("sigma")), x)
+            x = tf.where(on("blur"), _gaussian_blur_batch(x, col("sigma"), self.kernel_size), x)
         x = tf.clip_by_value(x, 0.0, 1.0)
         x.set_shape(images.shape)
         return x
@@ -390,7 +418,7 @@ def _gaussian_blur_batch(images, sigmas, kernel_size=None):
     return tf.einsum("bhwc,bhv->bvwc", out, bands(h))
 
 
-# ----------------------------------------------------------------------------- eval / presets
+# ----------------------------------------------------------------------------- eval
 def resize_for_eval(image, size):
     """Deterministic bilinear (antialiased) resize to size x size.
 
@@ -402,59 +430,191 @@ def resize_for_eval(image, size):
     return _finish(out, size)
 
 
-# preset -> (crop area range, the ops after the crop)
-_PRESETS = {
-    "derm": ((0.08, 1.0), dict(flip=True, jitter_strength=1.0, jitter_p=0.8, gray_p=0.2,
-                               blur_p=0.5)),
-    "cxr": ((0.08, 1.0), dict(flip=True, max_degrees=20.0, jitter_strength=0.5, jitter_p=0.8,
-                              hue=False, saturation=False)),
-    "finetune": (_FINETUNE_AREA_RANGE, dict(flip=True, max_degrees=15.0)),
-}
+# ----------------------------------------------------------------------------- preset recipes
 PLACEMENTS = ("host", "device")
 
+# SimCLR's Gaussian blur is specified for 224-px ImageNet views: sigma ~ U(0.1, 2.0) and a
+# kernel of 10% of the side (`height // 10`, made odd: 2 * (k // 2) + 1 taps, 23 at 224 px).
+# `preset_settings` keeps the kernel at 10% of the side and scales sigma by side / 224, so the
+# blur removes the same fraction of the image's detail at every size; when the kernel would be
+# under MIN_BLUR_KERNEL taps (sides < 20 px, where it would be the identity) blur is skipped.
+REFERENCE_SIZE = 224
+REFERENCE_SIGMA_RANGE = (0.1, 2.0)
+MIN_BLUR_KERNEL = 3
+_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
-def post_crop(preset):
-    """The `PostCrop` ops of a preset (everything after its random resized crop)."""
+# Each preset's recipe as specified at the reference size (224 px).
+_RECIPES = {
+    "derm": dict(crop_area_min=0.08, flip=True, max_degrees=0.0, color_jitter_strength=1.0,
+                 jitter_p=0.8, hue=True, saturation=True, gray_p=0.2, blur_p=0.5),
+    "cxr": dict(crop_area_min=0.08, flip=True, max_degrees=20.0, color_jitter_strength=0.5,
+                jitter_p=0.8, hue=False, saturation=False, gray_p=0.0, blur_p=0.0),
+    "finetune": dict(crop_area_min=_FINETUNE_AREA_RANGE[0], flip=True, max_degrees=15.0,
+                     color_jitter_strength=0.0, jitter_p=0.0, hue=True, saturation=True,
+                     gray_p=0.0, blur_p=0.0),
+}
+
+# Images of at most SMALL_IMAGE_MAX_SIZE px per side use these values instead of the
+# reference ones (keys of `_RECIPES`). PROVISIONAL: a CIFAR-like set in the spirit of SimCLR's
+# 32-px CIFAR-10 recipe (colour jitter strength 0.5, no blur), grayscale kept, crop floor 0.2,
+# because at 32 px the ImageNet set erases what tells one skin patch from another. The final
+# values are to be chosen from the measured sweep (bench/augment_sweep.py) and written here.
+SMALL_IMAGE_MAX_SIZE = 64
+SMALL_IMAGE_DEFAULTS_STATUS = "provisional"  # -> "measured" once the sweep's values are in
+SMALL_IMAGE_DEFAULTS = {
+    "derm": dict(crop_area_min=0.2, color_jitter_strength=0.5, gray_p=0.2, blur_p=0.0),
+}
+
+
+def _check_size(image_size):
+    size = int(image_size)
+    if size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return size
+
+
+def _check_preset(preset):
     if preset == "none":
         raise ValueError("preset 'none' is a resize only: it has no ops after a crop")
-    if preset not in _PRESETS:
+    if preset not in _RECIPES:
         raise ValueError(f"Unknown augmentation preset {preset!r}; valid: {', '.join(PRESETS)}")
-    return PostCrop(**_PRESETS[preset][1])
 
 
-def build_augment(preset, image_size, placement="host"):
-    """Returns the per-view augmentation ``fn(image, seed)`` of ``preset``.
+def blur_kernel_size(image_size):
+    """SimCLR's blur kernel for a side of `image_size` px: `side // 10`, made odd (taps)."""
+    return 2 * ((_check_size(image_size) // 10) // 2) + 1
+
+
+def blur_sigma_range(image_size):
+    """SimCLR's sigma range U(0.1, 2.0) at 224 px, scaled by image_size / 224."""
+    scale = _check_size(image_size) / REFERENCE_SIZE
+    return (REFERENCE_SIGMA_RANGE[0] * scale, REFERENCE_SIGMA_RANGE[1] * scale)
+
+
+def preset_settings(preset, image_size, color_jitter_strength=None, crop_area_min=None):
+    """The resolved recipe of `preset` at `image_size` px, as plain Python values (no TF).
+
+    Starts from the preset's reference (224-px) recipe, takes `SMALL_IMAGE_DEFAULTS[preset]`
+    when `image_size <= SMALL_IMAGE_MAX_SIZE`, then the explicit overrides (None = that
+    default): `color_jitter_strength` (>= 0; factor ranges 1 +- 0.8 s for brightness, contrast
+    and saturation, hue +- 0.2 s; 0 removes the colour jitter) and `crop_area_min` (the floor
+    of the crop's area fraction, in (0, 1]). The blur kernel is 10% of the side and sigma is
+    U(0.1, 2.0) * side / 224; blur is skipped (blur_p 0) when the kernel is under 3 taps.
+
+    Returns a dict: preset, image_size, size_defaults ("reference" or "small (provisional)"),
+    crop_area_range, aspect_ratio_range, flip, max_degrees, color_jitter_strength, jitter_p,
+    hue, saturation, gray_p, blur_p, blur_sigma_range and blur_kernel_size (both None without
+    blur). `build_augment` and `post_crop` build their ops from it.
+    """
+    _check_preset(preset)
+    size = _check_size(image_size)
+    recipe = dict(_RECIPES[preset])
+    small = size <= SMALL_IMAGE_MAX_SIZE and preset in SMALL_IMAGE_DEFAULTS
+    if small:
+        recipe.update(SMALL_IMAGE_DEFAULTS[preset])
+    if color_jitter_strength is not None:
+        strength = float(color_jitter_strength)
+        if not (math.isfinite(strength) and strength >= 0):
+            raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength!r}")
+        if strength > 0 and not recipe["jitter_p"]:
+            raise ValueError(f"preset {preset!r} has no colour jitter to scale "
+                             f"(color_jitter_strength={color_jitter_strength!r})")
+        recipe["color_jitter_strength"] = strength
+    if crop_area_min is not None:
+        floor = float(crop_area_min)
+        if not 0.0 < floor <= 1.0:
+            raise ValueError(f"crop_area_min must be in (0, 1], got {crop_area_min!r}")
+        recipe["crop_area_min"] = floor
+    strength = float(recipe["color_jitter_strength"])
+    kernel = blur_kernel_size(size)
+    blur_p = float(recipe["blur_p"]) if kernel >= MIN_BLUR_KERNEL else 0.0
+    return {
+        "preset": preset,
+        "image_size": size,
+        "size_defaults": f"small ({SMALL_IMAGE_DEFAULTS_STATUS})" if small else "reference",
+        "crop_area_range": (float(recipe["crop_area_min"]), 1.0),
+        "aspect_ratio_range": _ASPECT_RATIO_RANGE,
+        "flip": bool(recipe["flip"]),
+        "max_degrees": float(recipe["max_degrees"]),
+        "color_jitter_strength": strength,
+        "jitter_p": float(recipe["jitter_p"]) if strength > 0 else 0.0,
+        "hue": bool(recipe["hue"]),
+        "saturation": bool(recipe["saturation"]),
+        "gray_p": float(recipe["gray_p"]),
+        "blur_p": blur_p,
+        "blur_sigma_range": blur_sigma_range(size) if blur_p else None,
+        "blur_kernel_size": kernel if blur_p else None,
+    }
+
+
+def _post_crop_from(settings, kernel_size):
+    return PostCrop(flip=settings["flip"], max_degrees=settings["max_degrees"],
+                    jitter_strength=settings["color_jitter_strength"],
+                    jitter_p=settings["jitter_p"], hue=settings["hue"],
+                    saturation=settings["saturation"], gray_p=settings["gray_p"],
+                    blur_p=settings["blur_p"],
+                    sigma_range=settings["blur_sigma_range"] or REFERENCE_SIGMA_RANGE,
+                    kernel_size=kernel_size)
+
+
+def post_crop(preset, image_size=None, color_jitter_strength=None):
+    """The `PostCrop` ops of a preset (everything after its random resized crop).
+
+    With `image_size`: the ops `build_augment(preset, image_size, color_jitter_strength=...)`
+    uses (same draws, same kernel). Without (`ContrastiveModel(device_augment=preset)`): the
+    preset's reference (224-px) recipe with the blur kernel taken from the images it is
+    applied to (10% of their side, i.e. the kernel `preset_settings` resolves for that side).
+    Its `apply_photometric*` methods depend only on which ops exist and on the params, so
+    they finish views drawn at any size as long as the op layout is the same (true for every
+    default of "derm" and "cxr"; a colour strength of 0 removes the jitter columns, and the
+    mismatch is reported). `draw` of this size-less form follows the 224-px recipe.
+    """
+    _check_preset(preset)
+    if image_size is None:
+        settings = preset_settings(preset, REFERENCE_SIZE, color_jitter_strength)
+        return _post_crop_from(settings, kernel_size=None)
+    settings = preset_settings(preset, image_size, color_jitter_strength)
+    return _post_crop_from(settings, kernel_size=settings["blur_kernel_size"])
+
+
+def build_augment(preset, image_size, placement="host", color_jitter_strength=None,
+                  crop_area_min=None):
+    """Returns the per-view augmentation ``fn(image, seed)`` of ``preset`` at ``image_size``.
+
+    The recipe is `preset_settings(preset, image_size, color_jitter_strength, crop_area_min)`
+    (None = the preset's default for that size; see `SMALL_IMAGE_DEFAULTS`).
 
     placement="host" (default): ``fn -> float32 [image_size, image_size, 3]``, the whole
     augmentation per image (in tf.data). placement="device": ``fn -> (view, params)``: only
     the crop and the geometric ops (flip, rotation) run per image; ``params`` (float32
     [num_params]) holds the draws for the photometric rest, which
-    `post_crop(preset).apply_photometric_batch` applies to the batch on the accelerator
-    (`ContrastiveModel(device_augment=preset)` does it in its train step). Same seed -> same
-    view either way, to float rounding. Presets without photometric ops (finetune, none)
-    have nothing to move and reject "device".
+    `post_crop(preset, image_size, color_jitter_strength).apply_photometric_batch` applies to
+    the batch on the accelerator (`ContrastiveModel(device_augment=preset)` does it in its
+    train step). Same seed -> same view either way, to float rounding. Presets without
+    photometric ops (finetune, none) have nothing to move and reject "device".
     """
-    size = int(image_size)
-    if size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    size = _check_size(image_size)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if preset == "none":
         if placement == "device":
             raise ValueError("preset 'none' has nothing to run on the device")
+        if color_jitter_strength is not None or crop_area_min is not None:
+            raise ValueError("preset 'none' is a resize only: color_jitter_strength and "
+                             "crop_area_min do not apply")
 
         def resize_only(image, seed=None):
             del seed
             return resize_for_eval(image, size)
         return resize_only
-    if preset not in _PRESETS:
-        raise ValueError(f"Unknown augmentation preset {preset!r}; valid: {', '.join(PRESETS)}")
-    area_range, _ = _PRESETS[preset]
-    post = post_crop(preset)
+    settings = preset_settings(preset, size, color_jitter_strength, crop_area_min)
+    area_range, aspect_range = settings["crop_area_range"], settings["aspect_ratio_range"]
+    post = _post_crop_from(settings, kernel_size=settings["blur_kernel_size"])
 
     def crop_and_draw(image, seed):
         crop_seed, post_seed = _split(seed, 2)
-        crop = random_resized_crop(image, crop_seed, size, area_range=area_range)
+        crop = random_resized_crop(image, crop_seed, size, area_range=area_range,
+                                   aspect_ratio_range=aspect_range)
         return crop, post.draw(post_seed)
 
     if placement == "device":

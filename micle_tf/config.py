@@ -65,6 +65,9 @@ class PretrainConfig(TrainConfig):
     # "device": the input pipeline crops/flips/rotates and draws the rest; colour jitter,
     # grayscale and blur run batched in the train step (GPU/TPU hosts short of CPU).
     augment_placement: str = "host"
+    # None = the preset's default for model.image_size (augment.preset_settings).
+    color_jitter_strength: Optional[float] = None
+    crop_area_min: Optional[float] = None  # floor of the random crop's area fraction
     init_checkpoint: Optional[str] = None  # encoder weights to start from (stage 2)
     linear_probe: bool = True  # online probe when the train split has labels
     knn_monitor: bool = True  # kNN accuracy + same-case retrieval on eval_split per epoch
@@ -82,6 +85,7 @@ class FinetuneConfig(TrainConfig):
     uncertainty_policy: str = "ignore"
     label_smoothing: float = 0.0
     augment: str = "finetune"
+    crop_area_min: Optional[float] = None  # None = the preset's crop floor (finetune: 0.5)
     level: str = "image"  # training examples are images; evaluation aggregates per case
     early_stopping_patience: Optional[int] = None  # epochs without val AUC gain
 

@@ -2,7 +2,7 @@
 
 Stages (each reused when its output already exists, so a second run only redoes what is
 missing):
-  1. records     micle-data --source=ph2 (199 lesion bags x 20 patches, split by lesion)
+  1. records     micle-data --source=ph2 (199 lesion bags x 10 distinct patches, split by lesion)
   2. init        one starting encoder shared by SimCLR and MICLe (an ImageNet SimCLR checkpoint
                  when given, else one seeded random initialisation: no ImageNet weights exist
                  offline)

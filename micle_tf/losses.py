@@ -26,12 +26,64 @@ gradients across replicas, so the caller must divide by ``num_replicas_in_sync``
 before taking gradients (``loss / num_replicas``); the mean of the per-replica losses
 then equals the single-device loss on the same global batch, and the summed gradients
 equal the single-device gradients.
+
+Chance levels (learning health)
+-------------------------------
+With a GLOBAL batch of ``B`` pairs, each anchor chooses among ``2B - 1`` candidates (the other
+view of every pair and the other first/second views, itself masked). For uninformative (all equal)
+logits, each direction's cross-entropy is ``ln(2B - 1)``; the loss above is the SUM of the two
+directions' means, so the uniform-logit loss is ``2 ln(2B - 1)`` (``uniform_logits_loss``), and
+a random-guess contrastive accuracy is ``1 / (2B - 1)`` (``chance_contrastive_accuracy``).
 """
+import math
+
 import tensorflow as tf
 
 LARGE_NUM = 1e9
 
-__all__ = ["LARGE_NUM", "nt_xent_loss"]
+__all__ = ["LARGE_NUM", "nt_xent_loss", "alignment_uniformity", "chance_contrastive_accuracy",
+           "uniform_logits_loss"]
+
+
+def chance_contrastive_accuracy(global_batch):
+    """Accuracy of a random guess among the ``2B - 1`` candidates of a global batch of B pairs."""
+    return 1.0 / (2 * int(global_batch) - 1)
+
+
+def uniform_logits_loss(global_batch):
+    """``nt_xent_loss`` for all-equal logits: ``2 ln(2B - 1)`` (two directions summed, each the
+    mean over anchors of ``ln(2B - 1)``)."""
+    return 2.0 * math.log(2 * int(global_batch) - 1)
+
+
+def alignment_uniformity(z1, z2, t=2.0):
+    """Alignment and uniformity (Wang & Isola, ICML 2020) of L2-normalised projections.
+
+    * ``alignment = mean_i ||z1_i - z2_i||^2`` (alpha = 2) over the B positive pairs: 0 when the
+      two views of a pair map to the same point, 4 at most.
+    * ``uniformity = log mean_{i<j} exp(-t ||z_i - z_j||^2)`` over all distinct pairs of the
+      POOLED set of the 2B projections ``[z1; z2]`` (both views together, so the positive pairs
+      are among the pairs; Wang & Isola's code averages the two views' separate values instead).
+      It lies in ``[-4t, 0]``: 0 for a collapsed representation, lower is more uniform.
+
+    Computed in float32 on the batch given (inside ``train_step``: this replica's local batch;
+    Keras' Mean metrics then average the per-replica values). Both are plain TF ops (usable in a
+    tf.function / under XLA: the pair mask is static-shape, no boolean_mask). Returns
+    ``(alignment, uniformity)`` scalars; wrap the inputs in ``tf.stop_gradient`` for monitoring.
+    """
+    z1 = tf.math.l2_normalize(tf.cast(z1, tf.float32), axis=-1)
+    z2 = tf.math.l2_normalize(tf.cast(z2, tf.float32), axis=-1)
+    alignment = tf.reduce_mean(tf.reduce_sum(tf.square(z1 - z2), axis=-1))
+    z = tf.concat([z1, z2], axis=0)
+    n = tf.shape(z)[0]
+    sq = tf.reduce_sum(tf.square(z), axis=-1)
+    d2 = tf.maximum(sq[:, None] + sq[None, :] - 2.0 * tf.matmul(z, z, transpose_b=True), 0.0)
+    ones = tf.ones([n, n], tf.float32)
+    upper = tf.cast(ones - tf.linalg.band_part(ones, -1, 0), tf.bool)   # i < j
+    logits = tf.where(upper, -float(t) * d2, tf.fill([n, n], -float("inf")))
+    pairs = tf.cast(n * (n - 1) // 2, tf.float32)
+    uniformity = tf.reduce_logsumexp(logits) - tf.math.log(pairs)
+    return alignment, uniformity
 
 
 def _replica_context_for_gather():
@@ -59,13 +111,17 @@ def nt_xent_loss(z1, z2, temperature=0.1, return_metrics=False):
     Returns:
       The scalar per-replica loss ``mean_i(loss_a[i] + loss_b[i])`` (2x the paper's
       normalisation, see the module docstring), or ``(loss, metrics)`` with
-      ``metrics = {"contrastive_accuracy", "contrastive_entropy"}``:
+      ``metrics = {"contrastive_accuracy", "contrastive_entropy",
+      "chance_contrastive_accuracy", "uniform_contrastive_loss"}``:
 
       * ``contrastive_accuracy``: fraction of first-view anchors whose argmax over
         ``[logits_ab, logits_aa]`` (all 2*B_global - 1 candidates, the anchor itself
         masked) is the positive.
       * ``contrastive_entropy``: mean entropy of ``softmax([logits_ab, logits_aa])``
         over the first-view anchors.
+      * ``chance_contrastive_accuracy`` = ``1 / (2 B_global - 1)`` and
+        ``uniform_contrastive_loss`` = ``2 ln(2 B_global - 1)`` (the loss for all-equal
+        logits), from the gathered batch size: the levels to compare the two above with.
 
       Metrics are computed on the local anchors and carry no gradient.
     """
@@ -111,4 +167,7 @@ def nt_xent_loss(z1, z2, temperature=0.1, return_metrics=False):
     log_prob = tf.nn.log_softmax(logits_con, axis=1)
     # Exact entropy (masked entries have p == 0 and a finite log-prob, so they add 0).
     entropy = -tf.reduce_mean(tf.reduce_sum(tf.exp(log_prob) * log_prob, axis=1))
-    return loss, {"contrastive_accuracy": accuracy, "contrastive_entropy": entropy}
+    candidates = tf.cast(2 * large_batch_size - 1, tf.float32)
+    return loss, {"contrastive_accuracy": accuracy, "contrastive_entropy": entropy,
+                  "chance_contrastive_accuracy": 1.0 / candidates,
+                  "uniform_contrastive_loss": 2.0 * tf.math.log(candidates)}

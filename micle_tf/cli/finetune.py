@@ -47,6 +47,8 @@ flags.DEFINE_enum("uncertainty_policy", "ignore", ["ignore", "ones", "zeros"],
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing (multiclass).")
 flags.DEFINE_enum("augment", "finetune", ["finetune", "none", "derm", "cxr"],
                   "Training augmentation preset (finetune: crop 50-100%, flip, rotation).")
+flags.DEFINE_float("crop_area_min", None, "Smallest area fraction (0, 1] of the random "
+                   "resized crop (default: the preset's, finetune: 0.5).")
 flags.DEFINE_integer("early_stopping_patience", None, "Stop after this many epochs without a "
                      "gain in val AUC (default: never).")
 flags.DEFINE_string("train_split", "train", "Split to fine-tune on.")
@@ -71,7 +73,8 @@ def model_config_for(init_from):
 
 def finetune_kwargs_from_flags():
     names = ["ft_proj_selector", "fine_tune_after_block", "uncertainty_policy",
-             "label_smoothing", "augment", "early_stopping_patience", "train_split",
+             "label_smoothing", "augment", "crop_area_min", "early_stopping_patience",
+             "train_split",
              "eval_split"]
     return {n: getattr(FLAGS, n) for n in names}
 
@@ -82,6 +85,11 @@ def main(argv):
     common.require("data_dir", "model_dir", "init_from", "label_fraction")
     if not 0.0 < FLAGS.label_fraction <= 1.0:
         raise app.UsageError(f"--label_fraction must be in (0, 1], got {FLAGS.label_fraction}")
+    if FLAGS.crop_area_min is not None and (FLAGS.augment == "none" or
+                                            not 0.0 < FLAGS.crop_area_min <= 1.0):
+        raise app.UsageError(f"--crop_area_min must be in (0, 1] and needs a cropping "
+                             f"--augment preset, got {FLAGS.crop_area_min} with "
+                             f"--augment={FLAGS.augment}")
     cfg = config_lib.FinetuneConfig(
         init_from=FLAGS.init_from, label_fraction=FLAGS.label_fraction,
         model=model_config_for(FLAGS.init_from), **finetune_kwargs_from_flags(),

@@ -4,7 +4,9 @@
   classification of query embeddings against a labelled bank.
 * ``same_case_retrieval``: label-free check - do an embedding's nearest neighbours come from the
   same case (e.g. other patches/views of the same lesion)? This measures whether (MICLe)
-  pretraining learned that images of one case belong together.
+  pretraining learned that images of one case belong together. It is the legacy summary of
+  ``retrieval.retrieval_scores``; ``retrieval.same_case_retrieval_report`` is the full report
+  (mAP, chance levels, case-bootstrap CIs, single-image cases excluded).
 
 Similarities are computed in chunks of queries, so memory is ``O(chunk * bank)``.
 """
@@ -113,8 +115,9 @@ def knn_accuracy(train_emb, train_labels, query_emb, query_labels, k: int = 20,
     return float(np.mean(pred == query_labels))
 
 
-def same_case_retrieval(embeddings, case_ids, k: int = 1) -> Dict[str, Any]:
-    """Same-case retrieval among all embeddings (cosine similarity, each query excludes itself).
+def same_case_retrieval(embeddings, case_ids, k: int = 1, pixel_hashes=None) -> Dict[str, Any]:
+    """Same-case retrieval among all embeddings (cosine similarity, each query excludes itself),
+    in the legacy convention where every image is a query.
 
     Returns ``{"precision_at_k", "top1_hit_rate", "k", "num_queries", "chance"}``:
 
@@ -125,30 +128,16 @@ def same_case_retrieval(embeddings, case_ids, k: int = 1) -> Dict[str, Any]:
       ``(same-case others) / (all others)``.
 
     Every embedding is a query; one from a single-image case scores 0 in both precision and
-    chance. Needs ``1 <= k <= N - 1``.
+    chance. Needs ``1 <= k <= N - 1``. The ranking (ties broken by image index, optional
+    ``pixel_hashes`` duplicate check) is ``retrieval.retrieval_scores``; for the honest report
+    that excludes single-image cases, adds mAP, chance levels and case-bootstrap CIs, use
+    ``retrieval.same_case_retrieval_report``.
     """
-    emb = _l2_normalize(embeddings)
-    case_ids = np.asarray(case_ids)
-    n = emb.shape[0]
-    if case_ids.shape != (n,):
-        raise ValueError(f"case_ids shape {case_ids.shape} for {n} embeddings")
-    if n < 2:
-        raise ValueError("need at least 2 embeddings")
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must be in [1, {n - 1}], got {k}")
-    _, inv, counts = np.unique(case_ids, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
-    same_others = counts[inv] - 1
-    chance = float(np.mean(same_others / (n - 1)))
-    prec = np.empty(n)
-    hit1 = np.empty(n, dtype=bool)
-    for s in range(0, n, _CHUNK):
-        sim = emb[s:s + _CHUNK] @ emb.T
-        rows = np.arange(sim.shape[0])
-        sim[rows, s + rows] = -np.inf
-        idx = _top_k(sim, k)
-        same = inv[idx] == inv[s:s + sim.shape[0], None]
-        prec[s:s + sim.shape[0]] = same.mean(axis=1)
-        hit1[s:s + sim.shape[0]] = same[:, 0]
-    return {"precision_at_k": float(prec.mean()), "top1_hit_rate": float(hit1.mean()),
+    from micle_tf.evaluation import retrieval
+
+    s = retrieval.retrieval_scores(embeddings, case_ids, pixel_hashes=pixel_hashes, k=k)
+    n = s["num_images"]
+    chance = float(np.sum(s["num_relevant"] / s["num_candidates"]) / n)
+    return {"precision_at_k": float(np.sum(s["precision_at_k"]) / n),
+            "top1_hit_rate": float(np.sum(s["top1"]) / n),
             "k": int(k), "num_queries": int(n), "chance": chance}

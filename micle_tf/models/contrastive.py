@@ -8,12 +8,19 @@ train_step: both views go through the encoder in one batch (BN statistics over b
 SimCLR), the projection head maps them to z, NT-Xent with negatives gathered from every replica.
 An optional linear probe on stop-gradient encoder features learns from the labelled cases of
 the batch: it measures the representation during pretraining without shaping it.
+
+Metrics (epoch means; in the fit history, the progress bar and TensorBoard): `loss`,
+`contrastive_loss`, `contrastive_accuracy`, `contrastive_entropy`, learning health:
+`alignment` / `uniformity` of the projections (Wang & Isola 2020, `losses.alignment_uniformity`,
+no gradient), and the chance levels they are to be read against for this global batch B,
+`chance_contrastive_accuracy` = 1/(2B-1) and `uniform_contrastive_loss` = 2 ln(2B-1) (the
+contrastive loss for all-equal logits); plus `probe_loss`/`probe_accuracy` with a probe.
 """
 import keras
 import tensorflow as tf
 
 from micle_tf import augment
-from micle_tf.losses import nt_xent_loss
+from micle_tf.losses import alignment_uniformity, nt_xent_loss
 
 
 def _probe_loss_and_accuracy(logits, labels, task):
@@ -50,12 +57,14 @@ class ContrastiveModel(keras.Model):
       device_augment: an augmentation preset whose photometric ops (colour jitter, grayscale,
         blur) run here, batched, at the start of the train step, with the per-view draws the
         input pipeline put in "view1_augment_params"/"view2_augment_params"
-        (`augment.build_augment(preset, size, placement="device")`). None: the pipeline did
+        (`augment.build_augment(preset, size, placement="device")`); `image_size` and
+        `color_jitter_strength` resolve the preset as the pipeline did. None: the pipeline did
         the whole augmentation.
     """
 
     def __init__(self, encoder, projection_head, temperature=0.1, method="simclr",
-                 num_classes=0, task="multiclass", device_augment=None, **kwargs):
+                 num_classes=0, task="multiclass", device_augment=None, image_size=None,
+                 color_jitter_strength=None, **kwargs):
         super().__init__(**kwargs)
         if method not in ("simclr", "micle"):
             raise ValueError(f"unknown pretraining method {method!r}")
@@ -66,13 +75,20 @@ class ContrastiveModel(keras.Model):
         self.num_classes = int(num_classes)
         self.task = task
         self.device_augment = device_augment
-        self._post_crop = augment.post_crop(device_augment) if device_augment else None
+        self.image_size = image_size
+        self.color_jitter_strength = color_jitter_strength
+        self._post_crop = (augment.post_crop(device_augment, image_size, color_jitter_strength)
+                           if device_augment else None)
         self.probe = (keras.layers.Dense(self.num_classes, name="linear_probe", dtype="float32")
                       if self.num_classes else None)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.contrastive_loss_tracker = keras.metrics.Mean(name="contrastive_loss")
         self.contrastive_acc_tracker = keras.metrics.Mean(name="contrastive_accuracy")
         self.contrastive_entropy_tracker = keras.metrics.Mean(name="contrastive_entropy")
+        self.alignment_tracker = keras.metrics.Mean(name="alignment")
+        self.uniformity_tracker = keras.metrics.Mean(name="uniformity")
+        self.chance_acc_tracker = keras.metrics.Mean(name="chance_contrastive_accuracy")
+        self.uniform_loss_tracker = keras.metrics.Mean(name="uniform_contrastive_loss")
         self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
         self.probe_acc_tracker = keras.metrics.Mean(name="probe_accuracy")
 
@@ -97,7 +113,8 @@ class ContrastiveModel(keras.Model):
     @property
     def metrics(self):
         out = [self.loss_tracker, self.contrastive_loss_tracker, self.contrastive_acc_tracker,
-               self.contrastive_entropy_tracker]
+               self.contrastive_entropy_tracker, self.alignment_tracker, self.uniformity_tracker,
+               self.chance_acc_tracker, self.uniform_loss_tracker]
         if self.probe is not None:
             out += [self.probe_loss_tracker, self.probe_acc_tracker]
         return out
@@ -128,8 +145,10 @@ class ContrastiveModel(keras.Model):
         z, _ = self.projection_head(features, training=training)
         z1, z2 = z[:batch], z[batch:]
         contrastive, m = nt_xent_loss(z1, z2, self.temperature, return_metrics=True)
+        alignment, uniformity = alignment_uniformity(tf.stop_gradient(z1), tf.stop_gradient(z2))
         total = contrastive
-        values = {"contrastive_loss": contrastive, **m}
+        values = {"contrastive_loss": contrastive, **m, "alignment": alignment,
+                  "uniformity": uniformity}
         if self.probe is not None and "label" in data:
             labels = tf.concat([data["label"], data["label"]], axis=0)
             logits = self.probe(tf.stop_gradient(tf.cast(features, tf.float32)))
@@ -160,6 +179,10 @@ class ContrastiveModel(keras.Model):
         self.contrastive_loss_tracker.update_state(values["contrastive_loss"])
         self.contrastive_acc_tracker.update_state(values["contrastive_accuracy"])
         self.contrastive_entropy_tracker.update_state(values["contrastive_entropy"])
+        self.alignment_tracker.update_state(values["alignment"])
+        self.uniformity_tracker.update_state(values["uniformity"])
+        self.chance_acc_tracker.update_state(values["chance_contrastive_accuracy"])
+        self.uniform_loss_tracker.update_state(values["uniform_contrastive_loss"])
         if "probe_loss" in values:
             # Weighted by the number of labelled entries, so unlabelled batches do not count.
             self.probe_loss_tracker.update_state(values["probe_loss"],
@@ -178,6 +201,8 @@ class ContrastiveModel(keras.Model):
             "num_classes": self.num_classes,
             "task": self.task,
             "device_augment": self.device_augment,
+            "image_size": self.image_size,
+            "color_jitter_strength": self.color_jitter_strength,
         }
 
     @classmethod

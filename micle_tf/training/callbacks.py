@@ -77,8 +77,13 @@ def embed(encoder, dataset, max_batches=None):
 class KnnMonitor(keras.callbacks.Callback):
     """Representation quality without training a classifier, every `every` epochs:
     - `knn_accuracy`: cosine kNN of eval-split images against labelled train images;
-    - `same_case_top1`: how often an eval image's nearest other image is from its own case
-      (label-free: did the encoder learn that the images of a case belong together?)."""
+    - `same_case_top1` / `same_case_map`: same-case retrieval among the eval images
+      (`evaluation.retrieval`: how often an image's nearest other image is from its own case,
+      and the mean average precision of that ranking; label-free: did the encoder learn that
+      the images of a case belong together?). Images of single-image cases are not scored (they
+      stay in as distractors); with no multi-image case the two values are not logged.
+    `same_case_top1`/`same_case_map`/`knn_accuracy` go to the epoch logs (and so to TensorBoard);
+    `history` also keeps the chance levels and query counts of each measurement."""
 
     def __init__(self, make_train_ds, make_eval_ds, task, every=1, k=20, max_batches=50):
         super().__init__()
@@ -86,13 +91,20 @@ class KnnMonitor(keras.callbacks.Callback):
         self.task, self.every, self.k, self.max_batches = task, every, k, max_batches
         self.history = []
 
-    def measure(self):
-        from micle_tf.evaluation import knn
+    def measure(self, details=None):
+        """The logged values; `details`, a dict, also receives the retrieval chance levels."""
+        from micle_tf.evaluation import knn, retrieval
         encoder = self.model.encoder
         q_emb, q_labels, q_cases = embed(encoder, self.make_eval_ds(), self.max_batches)
         out = {}
         if len(q_emb) > 1:
-            out["same_case_top1"] = knn.same_case_retrieval(q_emb, q_cases, k=1)["top1_hit_rate"]
+            rep = retrieval.same_case_retrieval_report(q_emb, q_cases, n_boot=0)
+            if rep["num_queries"]:
+                out["same_case_top1"] = rep["top1"]
+                out["same_case_map"] = rep["map"]
+                if details is not None:
+                    details.update({f"same_case_{k}": rep[k] for k in (
+                        "chance_top1", "chance_map", "num_queries", "num_cases")})
         if self.task == "multiclass" and self.make_train_ds is not None:
             t_emb, t_labels, _ = embed(encoder, self.make_train_ds(), self.max_batches)
             keep_t, keep_q = t_labels >= 0, q_labels >= 0
@@ -105,10 +117,70 @@ class KnnMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
-        values = self.measure()
-        self.history.append({"epoch": epoch + 1, **values})
+        details = {}
+        values = self.measure(details)
+        self.history.append({"epoch": epoch + 1, **values, **details})
         if logs is not None:
             logs.update(values)
+
+
+def not_learning_message(accuracy, chance, step, warmup_steps, factor=2.0):
+    """The warning text of `LearningHealthMonitor` (also used by the pretraining summary)."""
+    return (f"pretraining is not learning its task: contrastive accuracy {accuracy:.4g} vs "
+            f"chance {chance:.4g} after {step} steps (within {factor:g}x chance; warmup "
+            f"{warmup_steps} steps); try weaker colour augmentation (--color_jitter_strength) "
+            "or a lower learning rate")
+
+
+class LearningHealthMonitor(keras.callbacks.Callback):
+    """Warns when contrastive pretraining is not learning its task.
+
+    At the end of every epoch that ends after the warmup (optimizer step > `warmup_steps`), the
+    epoch's mean `contrastive_accuracy` is compared with its chance level 1/(2B-1) for the global
+    batch B (the `chance_contrastive_accuracy` metric of the epoch logs, else computed from
+    `global_batch`). Accuracy <= `factor` x chance ("within 2x chance") is judged not learning:
+    the FIRST such epoch logs a WARNING (once per run, to keep logs readable; later epochs are
+    still judged and recorded in `judged`) and the message is kept in `warning` for the
+    pretraining summary. `warning` is not cleared if a later epoch recovers: the summary's
+    `learning` flag reports the final state. Every epoch (warmup included) also gets
+    `contrastive_accuracy_over_chance` in its logs (and so in TensorBoard), so place this
+    callback before the TensorBoard callback.
+
+    No judgement is possible when factor x chance >= 1 (B == 1: one candidate)."""
+
+    def __init__(self, warmup_steps, global_batch=None, factor=2.0):
+        super().__init__()
+        self.warmup_steps = int(warmup_steps)
+        self.global_batch = global_batch
+        self.factor = float(factor)
+        self.warning = None
+        self.judged = []   # [{"epoch", "step", "contrastive_accuracy", "chance", "learning"}]
+
+    def _chance(self, logs):
+        chance = logs.get("chance_contrastive_accuracy")
+        if chance is None and self.global_batch:
+            from micle_tf.losses import chance_contrastive_accuracy
+            chance = chance_contrastive_accuracy(self.global_batch)
+        return None if chance is None else float(chance)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        acc = logs.get("contrastive_accuracy")
+        chance = self._chance(logs)
+        if acc is None or not chance:
+            return
+        acc = float(acc)
+        logs["contrastive_accuracy_over_chance"] = acc / chance
+        step = int(self.model.optimizer.iterations.numpy())
+        if step <= self.warmup_steps or self.factor * chance >= 1.0:
+            return
+        learning = acc > self.factor * chance
+        self.judged.append({"epoch": epoch + 1, "step": step, "contrastive_accuracy": acc,
+                            "chance": chance, "learning": learning})
+        if not learning and self.warning is None:
+            self.warning = not_learning_message(acc, chance, step, self.warmup_steps,
+                                                self.factor)
+            logging.warning("%s", self.warning)
 
 
 def fit_segments(model, make_data, segments, callbacks, guard, last_checkpoint, verbose=1,

@@ -370,7 +370,8 @@ def run_finetuning(cfg):
                                                   "num_labelled_cases", "fingerprint",
                                                   "case_ids")})
 
-    aug = augment.build_augment(cfg.augment, cfg.model.image_size)
+    aug = augment.build_augment(cfg.augment, cfg.model.image_size,
+                                crop_area_min=cfg.crop_area_min)
 
     def train_data(first_epoch):
         return reader.distributed_dataset(

@@ -4,7 +4,8 @@
 case-bag records in `cfg.data_dir`, or from a prepared TFDS image dataset `cfg.tfds_name` in
 `cfg.tfds_data_dir`, see `data_pipelines.tfds_source`), resumes
 from the newest checkpoint in `cfg.model_dir` (or starts the encoder from `cfg.init_checkpoint`),
-trains with `model.fit`, and writes `pretrain_summary.json`. A Keras "epoch" is one pass over
+trains with `model.fit`, and writes `pretrain_summary.json` (with a `learning_health` block, see
+`learning_health`). A Keras "epoch" is one pass over
 the training cases (`steps_per_epoch` batches); checkpoints are taken at epoch ends and the data
 of epoch e depends only on (seed, e), so a resumed run sees the same batches as an uninterrupted
 one.
@@ -21,6 +22,7 @@ from absl import logging
 from data_pipelines import reader
 from data_pipelines.writer import read_info, write_json_atomic
 from micle_tf import __version__, augment, config as config_lib
+from micle_tf.losses import chance_contrastive_accuracy, uniform_logits_loss
 from micle_tf.models.contrastive import ContrastiveModel
 from micle_tf.models.factory import build_encoder, build_projection_head
 from micle_tf.optimizers import WarmupCosineDecay, build_optimizer, scale_learning_rate
@@ -68,6 +70,8 @@ def build_pretraining_model(cfg, num_classes=0, task="multiclass"):
     device_augment = cfg.augment if cfg.augment_placement == "device" else None
     model = ContrastiveModel(encoder, head, temperature=cfg.temperature, method=cfg.method,
                              num_classes=num_classes, task=task, device_augment=device_augment,
+                             image_size=cfg.model.image_size,
+                             color_jitter_strength=cfg.color_jitter_strength,
                              name=f"{cfg.method}_model")
     model.build_for(cfg.model.image_size)
     return model
@@ -104,7 +108,9 @@ def run_pretraining(cfg):
     """Trains and returns the summary dict (also written to model_dir/pretrain_summary.json)."""
     if cfg.method not in ("simclr", "micle"):
         raise ValueError(f"unknown --method {cfg.method!r} (simclr, micle)")
-    aug = augment.build_augment(cfg.augment, cfg.model.image_size, cfg.augment_placement)
+    aug = augment.build_augment(cfg.augment, cfg.model.image_size, cfg.augment_placement,
+                                color_jitter_strength=cfg.color_jitter_strength,
+                                crop_area_min=cfg.crop_area_min)
     if cfg.cache_decoded and cfg.tfds_name:
         raise ValueError("cache_decoded applies to micle-data records, not --tfds_name")
     seed_everything(cfg.seed)
@@ -178,6 +184,8 @@ def run_pretraining(cfg):
         knn = cb.KnnMonitor(eval_ds(cfg.train_split) if labelled else None,
                             eval_ds(cfg.eval_split), info["task"])
         callbacks.append(knn)
+    health = cb.LearningHealthMonitor(warmup, global_batch=cfg.batch_size)
+    callbacks.append(health)   # before TensorBoard: it adds contrastive_accuracy_over_chance
     callbacks.append(cb.CheckpointCallback(state, guard))
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(cfg.model_dir, "logs"),
@@ -200,6 +208,7 @@ def run_pretraining(cfg):
         "resumed_from_step": start,
         "final_loss": history.get("loss", [None])[-1],
         "final_contrastive_accuracy": history.get("contrastive_accuracy", [None])[-1],
+        "learning_health": learning_health(history, cfg.batch_size, warmup, final_step, health),
         "history": history,
         "knn_monitor": knn.history if knn else [],
         "images_per_second": (cfg.batch_size / step_time) if steps_run else None,
@@ -216,6 +225,45 @@ def run_pretraining(cfg):
     if chief:
         write_json_atomic(os.path.join(cfg.model_dir, SUMMARY_FILE), summary)
     return summary
+
+
+def learning_health(history, global_batch, warmup_steps, final_step, monitor=None, factor=2.0):
+    """The summary's `learning_health` block: is the contrastive task being learned?
+
+    `global_batch` is B, the global batch (negatives are gathered across replicas): chance
+    contrastive accuracy 1/(2B-1), and `uniform_loss` = 2 ln(2B-1), the contrastive loss for
+    all-equal logits (`losses.nt_xent_loss` sums the two directions' mean cross-entropies over
+    2B-1 candidates). The `final_*` values are the last epoch's means; `final_loss` is the
+    CONTRASTIVE loss (the summary's top-level `final_loss` also includes a linear probe's loss).
+    `learning` is final accuracy > `factor` x chance, judged only when the run ended after the
+    warmup (else None, as when no epoch was trained). `warning` is the message the
+    `LearningHealthMonitor` logged (the first post-warmup epoch within 2x chance), or, without a
+    monitor, the same message when the final epoch is not learning; None otherwise.
+    """
+    chance = chance_contrastive_accuracy(global_batch)
+
+    def last(key):
+        values = history.get(key) or [None]
+        return values[-1]
+
+    acc = last("contrastive_accuracy")
+    judged = acc is not None and final_step > warmup_steps and factor * chance < 1.0
+    learning = bool(acc > factor * chance) if judged else None
+    warning = monitor.warning if monitor is not None else None
+    if warning is None and monitor is None and learning is False:
+        warning = cb.not_learning_message(acc, chance, final_step, warmup_steps, factor)
+    return {
+        "global_batch": int(global_batch),
+        "chance_contrastive_accuracy": chance,
+        "uniform_loss": uniform_logits_loss(global_batch),
+        "final_contrastive_accuracy": acc,
+        "final_loss": last("contrastive_loss"),
+        "accuracy_over_chance": None if acc is None else acc / chance,
+        "final_alignment": last("alignment"),
+        "final_uniformity": last("uniformity"),
+        "learning": learning,
+        "warning": warning,
+    }
 
 
 def _dataset_facts(info):

@@ -1,4 +1,5 @@
 """Tests for micle_tf.augment: shapes, ranges, determinism, and per-op semantics."""
+import json
 import math
 
 import numpy as np
@@ -268,8 +269,9 @@ def _np_hsv(img, sat_factor, hue_delta):
     return out
 
 
-def _np_blur(img, sigma):
-    r = (min(img.shape[:2]) // 10) // 2
+def _np_blur(img, sigma, r=None):
+    """Separable Gaussian, reflect padding, radius r (default SimCLR's side // 10 // 2)."""
+    r = (min(img.shape[:2]) // 10) // 2 if r is None else r
     if r == 0:
         return img
     k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
@@ -279,7 +281,7 @@ def _np_blur(img, sigma):
     return sum(k[t] * rows[t:t + img.shape[0]] for t in range(2 * r + 1))
 
 
-def np_photometric(post, img, params):
+def np_photometric(post, img, params, blur_radius=None):
     """Independent numpy reference of PostCrop's photometric ops for one view's params."""
     p = dict(zip(post.param_names, params))
     x = img.astype(np.float64)
@@ -300,7 +302,7 @@ def np_photometric(post, img, params):
     if post.gray_p and p["gray"] > 0.5:
         x = np.repeat((x @ np.array([0.2989, 0.587, 0.114]))[..., None], 3, -1)
     if post.blur_p and p["blur"] > 0.5:
-        x = _np_blur(x, p["sigma"])
+        x = _np_blur(x, p["sigma"], blur_radius)
     return np.clip(x, 0.0, 1.0)
 
 
@@ -310,14 +312,19 @@ def _draws(post, n, seed=7):
     return np.concatenate([b.numpy() for b in ds.batch(1000)])
 
 
-@pytest.mark.parametrize("preset", ["derm", "cxr"])
-def test_post_crop_draws_follow_the_preset(preset):
-    post = A.post_crop(preset)
+@pytest.mark.parametrize("preset,size", [("derm", None), ("derm", 32), ("cxr", None)])
+def test_post_crop_draws_follow_the_preset(preset, size):
+    post = A.post_crop(preset, size)
     d = _draws(post, 4000)
     col = {name: d[:, i] for i, name in enumerate(post.param_names)}
-    expected = {"derm": dict(jitter=0.8, gray=0.2, blur=0.5, ops=4, strength=1.0, degrees=0),
-                "cxr": dict(jitter=0.8, gray=0.0, blur=0.0, ops=2, strength=0.5, degrees=20)}
-    e = expected[preset]
+    expected = {("derm", None): dict(jitter=0.8, gray=0.2, blur=0.5, ops=4, strength=1.0,
+                                     degrees=0),
+                # the provisional small-image defaults: milder jitter, no blur
+                ("derm", 32): dict(jitter=0.8, gray=0.2, blur=0.0, ops=4, strength=0.5,
+                                   degrees=0),
+                ("cxr", None): dict(jitter=0.8, gray=0.0, blur=0.0, ops=2, strength=0.5,
+                                    degrees=20)}
+    e = expected[(preset, size)]
     for name in ("flip", "jitter", "gray", "blur"):  # coins: 0/1 with the preset's probability
         assert set(np.unique(col[name])) <= {0.0, 1.0}
         want = 0.5 if name == "flip" else e[name]
@@ -339,11 +346,15 @@ def test_post_crop_draws_follow_the_preset(preset):
         assert 0.1 <= col["sigma"].min() and col["sigma"].max() <= 2.0
 
 
-@pytest.mark.parametrize("preset", ["derm", "cxr"])
-def test_photometric_ops_match_numpy_on_host_and_device(preset):
+@pytest.mark.parametrize("preset,size", [("derm", 40), ("derm", 72), ("cxr", 40)])
+def test_photometric_ops_match_numpy_on_host_and_device(preset, size):
     """The per-image host kernels and the batched device ops both equal a numpy reference,
-    and a host-placed view equals crop + geometric on the host then the device ops."""
-    post, size = A.post_crop(preset), 40
+    and a host-placed view equals crop + geometric on the host then the device ops.
+    derm at 40 px takes the small-image defaults (no blur); at 72 px the 224-px recipe with
+    the blur scaled to the size (kernel 7, sigma U(0.1, 2.0) * 72 / 224)."""
+    post = A.post_crop(preset, size)
+    settings = A.preset_settings(preset, size)
+    radius = (settings["blur_kernel_size"] or 1) // 2
     host = A.build_augment(preset, size)
     device = A.build_augment(preset, size, placement="device")
     rng = np.random.RandomState(3)
@@ -352,15 +363,20 @@ def test_photometric_ops_match_numpy_on_host_and_device(preset):
     seeds = [tf.constant([k, 11], tf.int64) for k in range(24)]
     views, params = zip(*[device(img, s) for img, s in zip(images, seeds)])
     views, params = np.stack(views), np.stack(params)
-    ref = np.stack([np_photometric(post, v, p) for v, p in zip(views, params)])
+    ref = np.stack([np_photometric(post, v, p, radius) for v, p in zip(views, params)])
     host_views = np.stack([host(img, s).numpy() for img, s in zip(images, seeds)])
     per_image = np.stack([A._finish(post.apply_photometric(v, p), size).numpy()
                           for v, p in zip(views, params)])
     batched = post.apply_photometric_batch(views, params).numpy()
     compiled = tf.function(post.apply_photometric_batch, jit_compile=True)(views, params)
-    if preset == "derm":  # the reference must exercise every op
-        col = dict(zip(post.param_names, params.T))
+    col = dict(zip(post.param_names, params.T))
+    if preset == "derm" and size > A.SMALL_IMAGE_MAX_SIZE:  # the reference must exercise every op
+        assert radius == 3 and post.kernel_size == 7
         assert col["jitter"].sum() >= 5 and col["gray"].sum() >= 2 and col["blur"].sum() >= 5
+        sigma = col["sigma"][col["blur"] > 0.5]
+        assert sigma.min() >= 0.1 * size / 224 and sigma.max() <= 2.0 * size / 224
+    elif preset == "derm":
+        assert col["jitter"].sum() >= 5 and col["gray"].sum() >= 2 and not col["blur"].any()
     np.testing.assert_allclose(per_image, ref, atol=2e-5)
     np.testing.assert_allclose(batched, ref, atol=2e-5)
     np.testing.assert_allclose(compiled.numpy(), ref, atol=2e-5)
@@ -375,3 +391,221 @@ def test_device_placement_rejects_presets_without_photometric_ops():
         A.build_augment("none", 32, placement="device")
     with pytest.raises(ValueError, match="placement must be one of"):
         A.build_augment("derm", 32, placement="gpu")
+
+
+# ----------------------------------------------------------------------------- size-scaled presets
+def test_preset_settings_resolve_by_size():
+    """224 px is SimCLR's ImageNet set exactly; <= 64 px the provisional small-image table;
+    in between the 224-px recipe with the blur scaled to the size."""
+    s224 = A.preset_settings("derm", 224)
+    assert s224 == {
+        "preset": "derm", "image_size": 224, "size_defaults": "reference",
+        "crop_area_range": (0.08, 1.0), "aspect_ratio_range": (3 / 4, 4 / 3),
+        "flip": True, "max_degrees": 0.0, "color_jitter_strength": 1.0, "jitter_p": 0.8,
+        "hue": True, "saturation": True, "gray_p": 0.2, "blur_p": 0.5,
+        "blur_sigma_range": (0.1, 2.0), "blur_kernel_size": 23}
+    s112 = A.preset_settings("derm", 112)
+    assert s112["blur_sigma_range"] == pytest.approx((0.05, 1.0))
+    assert s112["blur_kernel_size"] == 11 and s112["crop_area_range"] == (0.08, 1.0)
+    assert s112["color_jitter_strength"] == 1.0 and s112["size_defaults"] == "reference"
+    s32 = A.preset_settings("derm", 32)
+    assert A.SMALL_IMAGE_MAX_SIZE == 64 and A.preset_settings("derm", 64) == dict(
+        s32, image_size=64)
+    assert s32["size_defaults"] == "small (provisional)"
+    assert s32["crop_area_range"] == (0.2, 1.0) and s32["color_jitter_strength"] == 0.5
+    assert s32["jitter_p"] == 0.8 and s32["gray_p"] == 0.2
+    assert s32["blur_p"] == 0.0 and s32["blur_sigma_range"] is None
+    assert s32["blur_kernel_size"] is None
+    assert A.preset_settings("derm", 65)["blur_kernel_size"] == 7  # 65 // 10 = 6 -> 7 taps
+    # Presets without a small-image entry keep their recipe at every size.
+    assert A.preset_settings("cxr", 32) == dict(A.preset_settings("cxr", 224), image_size=32)
+    assert A.preset_settings("finetune", 32)["crop_area_range"] == (0.5, 1.0)
+    # Plain JSON values: reports can print the resolved recipe.
+    json.loads(json.dumps(s224))
+    # Overrides.
+    o = A.preset_settings("derm", 32, color_jitter_strength=0.25, crop_area_min=0.5)
+    assert o["color_jitter_strength"] == 0.25 and o["crop_area_range"] == (0.5, 1.0)
+    assert o == dict(s32, color_jitter_strength=0.25, crop_area_range=(0.5, 1.0))
+    off = A.preset_settings("derm", 224, color_jitter_strength=0)
+    assert off["color_jitter_strength"] == 0.0 and off["jitter_p"] == 0.0
+    assert A.preset_settings("finetune", 224, color_jitter_strength=0)["jitter_p"] == 0.0
+
+
+def test_preset_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="crop_area_min"):
+        A.preset_settings("derm", 32, crop_area_min=0.0)
+    with pytest.raises(ValueError, match="crop_area_min"):
+        A.build_augment("derm", 32, crop_area_min=1.5)
+    with pytest.raises(ValueError, match="color_jitter_strength"):
+        A.preset_settings("derm", 32, color_jitter_strength=-0.1)
+    with pytest.raises(ValueError, match="no colour jitter"):
+        A.build_augment("finetune", 32, color_jitter_strength=0.5)
+    with pytest.raises(ValueError, match="resize only"):
+        A.preset_settings("none", 32)
+    with pytest.raises(ValueError, match="do not apply"):
+        A.build_augment("none", 32, crop_area_min=0.5)
+    with pytest.raises(ValueError, match="derm, cxr, finetune, none"):
+        A.preset_settings("imagenet", 32)
+
+
+def test_blur_rule_scales_sigma_keeps_kernel_at_a_tenth_and_skips_tiny_kernels(monkeypatch):
+    assert A.blur_kernel_size(224) == 23 and A.blur_kernel_size(32) == 3
+    assert A.blur_kernel_size(19) == 1 and A.blur_kernel_size(20) == 3
+    assert A.blur_sigma_range(224) == (0.1, 2.0)
+    assert A.blur_sigma_range(32) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    # When the small-image table turns blur on (e.g. after the sweep), the rule applies there.
+    monkeypatch.setitem(A.SMALL_IMAGE_DEFAULTS, "derm",
+                        dict(A.SMALL_IMAGE_DEFAULTS["derm"], blur_p=0.5))
+    s32 = A.preset_settings("derm", 32)
+    assert s32["blur_p"] == 0.5 and s32["blur_kernel_size"] == 3
+    assert s32["blur_sigma_range"] == pytest.approx((0.1 / 7, 2.0 / 7))
+    s16 = A.preset_settings("derm", 16)  # kernel 16 // 10 = 1 tap < 3: blur skipped
+    assert s16["blur_p"] == 0.0 and s16["blur_kernel_size"] is None
+    post = A.post_crop("derm", 32)
+    assert post.blur_p == 0.5 and post.kernel_size == 3
+    assert post.sigma_range == pytest.approx((0.1 / 7, 2.0 / 7))
+    assert A.post_crop("derm", 16).blur_p == 0.0
+
+
+def _blur_only_params(post, sigma):
+    """One view's params with only the blur on (no jitter, no grayscale)."""
+    p = post.draw(SEED).numpy()
+    col = post.param_names.index
+    p[col("jitter")], p[col("gray")], p[col("blur")], p[col("sigma")] = 0.0, 0.0, 1.0, sigma
+    return p
+
+
+@pytest.mark.parametrize("size", [224, 112])
+def test_blur_applied_uses_the_scaled_kernel_and_sigma(size):
+    """The blur the preset draws and applies at `size` is a Gaussian with the resolved kernel
+    (10% of the side) and a sigma from U(0.1, 2.0) * size / 224 (host and device paths)."""
+    settings = A.preset_settings("derm", size)
+    lo, hi = settings["blur_sigma_range"]
+    kernel = settings["blur_kernel_size"]
+    post = A.post_crop("derm", size)
+    assert post.kernel_size == kernel == 2 * ((size // 10) // 2) + 1
+    sigma = _draws(post, 2000)[:, post.param_names.index("sigma")]
+    tol = 0.01 * size / 224
+    assert lo <= sigma.min() < lo + tol and hi - tol < sigma.max() <= hi
+    img = _rand(size, size, seed=5)
+    p = _blur_only_params(post, hi)
+    ref = _np_blur(img, hi, kernel // 2)
+    host = post.apply_photometric(img, p).numpy()
+    device = post.apply_photometric_batch(img[None], p[None]).numpy()[0]
+    np.testing.assert_allclose(host, ref, atol=1e-5)
+    np.testing.assert_allclose(device, ref, atol=1e-5)
+    if size == 224:  # the comparison tells kernels apart: 23 taps at sigma 2, not 11
+        assert np.abs(_np_blur(img, hi, 5) - ref).max() > 1e-3
+    else:  # and sigmas: the scaled maximum (1.0 at 112 px), not SimCLR's 2.0
+        assert np.abs(_np_blur(img, 2.0, kernel // 2) - ref).max() > 1e-2
+
+
+def test_color_strength_zero_leaves_colours_to_grayscale_only():
+    """Strength 0: no jitter ops; the photometric part is the identity unless the view drew
+    grayscale (and no blur at 32 px), on host and device."""
+    post = A.post_crop("derm", 32, color_jitter_strength=0)
+    assert post.jitter_ops == () and post.blur_p == 0.0 and post.gray_p == 0.2
+    host = A.build_augment("derm", 32, color_jitter_strength=0)
+    device = A.build_augment("derm", 32, placement="device", color_jitter_strength=0)
+    img = _gradient(40, 56)
+    gray_col = post.param_names.index("gray")
+    kinds = set()
+    for k in range(16):
+        seed = tf.constant([k, 9], tf.int64)
+        view, params = (t.numpy() for t in device(img, seed))
+        out = host(img, seed).numpy()
+        np.testing.assert_allclose(
+            post.apply_photometric_batch(view[None], params[None]).numpy()[0], out, atol=1e-6)
+        if params[gray_col] > 0.5:
+            np.testing.assert_allclose(out, A.to_grayscale(view).numpy(), atol=1e-6)
+            kinds.add("gray")
+        else:
+            np.testing.assert_array_equal(out, view)  # colour statistics untouched
+            kinds.add("identity")
+    assert kinds == {"gray", "identity"}
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5, 1.5])
+def test_color_strength_sets_the_jitter_factor_ranges(strength):
+    """build_augment's draws use factors in 1 +- 0.8 s (lower end floored at 0), hue +- 0.2 s."""
+    post = A.post_crop("derm", 32, color_jitter_strength=strength)
+    lo, hi = max(1 - 0.8 * strength, 0.0), 1 + 0.8 * strength
+    assert post.jitter_ops == ("brightness", "contrast", "saturation", "hue")
+    np.testing.assert_allclose(post.jitter_ranges, [(lo, hi)] * 3 + [(-0.2 * strength,
+                                                                      0.2 * strength)])
+    fn = A.build_augment("derm", 32, placement="device", color_jitter_strength=strength)
+    img = tf.constant(_rand(8, 8))
+    four = tf.constant(4, tf.int64)
+    ds = tf.data.Dataset.range(1500).map(lambda k: fn(img, tf.stack([k, four]))[1])
+    d = np.concatenate([b.numpy() for b in ds.batch(500)])
+    for op, (a, b) in zip(post.jitter_ops, post.jitter_ranges):
+        v = d[:, post.param_names.index(f"factor_{op}")]
+        width = b - a
+        assert a <= v.min() < a + 0.02 * width and b - 0.02 * width < v.max() <= b, op
+
+
+def _crop_areas(fn, n, h=200, w=200):
+    """Area fractions of the crops `fn` (a device-placed derm augment: crop + flip, no colour)
+    takes of a coordinate-encoding image, recovered from the view's coordinate range."""
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    img = tf.constant(np.stack([yy / (h - 1), xx / (w - 1), np.zeros_like(yy)], -1), tf.float32)
+    areas = []
+    for k in range(n):
+        view = fn(img, tf.constant([k, 13], tf.int64))[0].numpy()
+        s = view.shape[0]
+        # Output pixel centres span (s - 1) / s of the crop (half-pixel resize).
+        ch = (view[..., 0].max() - view[..., 0].min()) * (h - 1) * s / (s - 1)
+        cw = (view[..., 1].max() - view[..., 1].min()) * (w - 1) * s / (s - 1)
+        areas.append(ch * cw / (h * w))
+    return np.array(areas)
+
+
+@pytest.mark.parametrize("size,crop_area_min,floor", [(48, None, 0.2), (96, None, 0.08),
+                                                      (48, 0.08, 0.08), (48, 0.5, 0.5)])
+def test_crop_floor_reaches_the_crop(size, crop_area_min, floor):
+    fn = A.build_augment("derm", size, placement="device", crop_area_min=crop_area_min)
+    assert A.preset_settings("derm", size, crop_area_min=crop_area_min)["crop_area_range"] == (
+        floor, 1.0)
+    areas = _crop_areas(fn, 40)
+    assert areas.min() >= floor - 0.03 and areas.max() <= 1.0 + 0.03
+    assert areas.mean() > floor + 0.1
+    if floor < 0.2:  # the floor is what bounds the small crops
+        assert areas.min() < 0.2
+
+
+@pytest.mark.parametrize("strength,crop_area_min", [(None, None), (1.0, 0.5), (0.0, 0.08)])
+def test_overrides_keep_host_device_identity_and_determinism(strength, crop_area_min):
+    kwargs = dict(color_jitter_strength=strength, crop_area_min=crop_area_min)
+    host = A.build_augment("derm", 32, **kwargs)
+    device = A.build_augment("derm", 32, placement="device", **kwargs)
+    post = A.post_crop("derm", 32, strength)
+    imgs = [_gradient(40, 56), _rand(32, 32, seed=1), _rand(50, 45, seed=2)]
+    for k, img in enumerate(imgs):
+        seed = tf.constant([k, 21], tf.int64)
+        view, params = device(img, seed)
+        out = host(img, seed).numpy()
+        np.testing.assert_array_equal(out, host(img, seed).numpy())
+        np.testing.assert_allclose(post.apply_photometric_batch(view[None], params[None])[0],
+                                   out, atol=2e-5)
+        assert not np.array_equal(out, host(img, OTHER).numpy())
+
+
+def test_size_less_post_crop_finishes_small_image_views():
+    """`ContrastiveModel(device_augment="derm")` calls `post_crop("derm")`: it applies views
+    drawn at 32 px (default or any strength > 0) exactly like `post_crop("derm", 32)`; a
+    different op layout (strength 0) is refused instead of misread."""
+    rng = np.random.RandomState(4)
+    imgs = [rng.rand(40, 40, 3).astype(np.float32) for _ in range(12)]
+    for strength in (None, 1.0):
+        device = A.build_augment("derm", 32, placement="device", color_jitter_strength=strength)
+        views, params = zip(*[device(x, tf.constant([k, 2], tf.int64))
+                              for k, x in enumerate(imgs)])
+        views, params = tf.stack(views), tf.stack(params)
+        want = A.post_crop("derm", 32, strength).apply_photometric_batch(views, params)
+        got = A.post_crop("derm").apply_photometric_batch(views, params)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+        assert np.abs(want.numpy() - views.numpy()).max() > 0.05
+    device = A.build_augment("derm", 32, placement="device", color_jitter_strength=0)
+    view, params = device(imgs[0], SEED)
+    with pytest.raises(ValueError, match="params have 6 columns"):
+        A.post_crop("derm").apply_photometric_batch(view[None], params[None])

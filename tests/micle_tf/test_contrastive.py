@@ -120,3 +120,25 @@ def test_device_augment_round_trips_and_refuses_mismatched_batches():
     with pytest.raises(ValueError, match="model has no device_augment"):
         tiny_model().compute_losses(dict(data, view1_augment_params=params,
                                          view2_augment_params=params))
+
+
+def test_train_step_reports_learning_health_metrics():
+    """alignment / uniformity (no gradient) and the chance levels of the batch are metrics, so
+    they reach the fit history, the progress bar and TensorBoard."""
+    from micle_tf.losses import alignment_uniformity
+    model = tiny_model()
+    model.compile(optimizer=build_optimizer("lars", 0.0, weight_decay=0.0))
+    data = batch(8)
+    _, values = model.compute_losses(data, training=False)
+    z = model(np.concatenate([data["view1"], data["view2"]]))["projection"]
+    align, unif = alignment_uniformity(z[:8], z[8:])
+    np.testing.assert_allclose(float(values["alignment"]), float(align), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(values["uniformity"]), float(unif), rtol=1e-4, atol=1e-5)
+    hist = model.fit(tf.data.Dataset.from_tensor_slices(data).batch(8).repeat(),
+                     steps_per_epoch=2, epochs=1, verbose=0).history
+    for name in ("alignment", "uniformity", "chance_contrastive_accuracy",
+                 "uniform_contrastive_loss"):
+        assert name in hist and np.isfinite(hist[name][-1]), name
+    np.testing.assert_allclose(hist["chance_contrastive_accuracy"][-1], 1 / 15, rtol=1e-6)
+    np.testing.assert_allclose(hist["uniform_contrastive_loss"][-1], 2 * np.log(15), rtol=1e-6)
+    assert 0.0 <= hist["alignment"][-1] <= 4.0 and -8.0 <= hist["uniformity"][-1] <= 0.0

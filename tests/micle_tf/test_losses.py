@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from micle_tf.losses import nt_xent_loss
+from micle_tf.losses import (alignment_uniformity, chance_contrastive_accuracy, nt_xent_loss,
+                             uniform_logits_loss)
 
 
 @pytest.fixture(autouse=True)
@@ -151,3 +152,76 @@ def test_gather_skipped_in_cross_replica_context(two_replica_strategy):
     with two_replica_strategy.scope():  # cross-replica context: local batch only
         got = float(nt_xent_loss(z, z[::-1].copy()))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _numpy_alignment_uniformity(z1, z2, t):
+    """Wang & Isola's definitions with explicit loops (float64), uniformity over the pooled 2B."""
+    z1 = np.asarray(z1, np.float64)
+    z2 = np.asarray(z2, np.float64)
+    z1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+    z2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+    align = np.mean([np.sum((a - b) ** 2) for a, b in zip(z1, z2)])
+    z = np.concatenate([z1, z2])
+    terms = [math.exp(-t * np.sum((z[i] - z[j]) ** 2))
+             for i in range(len(z)) for j in range(i + 1, len(z))]
+    return align, math.log(np.mean(terms))
+
+
+@pytest.mark.parametrize("batch_size,t", [(1, 2.0), (3, 2.0), (8, 2.0), (5, 0.5)])
+def test_alignment_uniformity_matches_numpy_reference(batch_size, t):
+    rng = np.random.default_rng(batch_size)
+    z1 = rng.normal(size=(batch_size, 6)).astype(np.float32)
+    z2 = rng.normal(size=(batch_size, 6)).astype(np.float32)
+    align, unif = alignment_uniformity(z1, z2, t=t)
+    want_a, want_u = _numpy_alignment_uniformity(z1, z2, t)
+    np.testing.assert_allclose(float(align), want_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(unif), want_u, rtol=1e-5, atol=1e-5)
+
+
+def test_alignment_uniformity_extremes():
+    z = np.eye(4, 6, dtype=np.float32) * 5.0
+    align, unif = alignment_uniformity(z, z)
+    assert float(align) == 0.0                      # identical views: perfectly aligned
+    # pooled set: 4 points twice; of the 28 pairs, 4 are identical (d^2 = 0) and 24 are
+    # orthogonal (d^2 = 2): log((4 + 24 exp(-4)) / 28)
+    np.testing.assert_allclose(float(unif), math.log((4 + 24 * math.exp(-4.0)) / 28), rtol=1e-6)
+    collapsed = np.ones((5, 3), np.float32)
+    align, unif = alignment_uniformity(collapsed, collapsed * 2)
+    assert abs(float(align)) < 1e-6 and abs(float(unif)) < 1e-6    # one point: uniformity 0
+    align, _ = alignment_uniformity(z, -z)
+    np.testing.assert_allclose(float(align), 4.0, rtol=1e-6)       # antipodal views: max
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 16])
+def test_uniform_logits_give_the_uniform_loss(b):
+    """All projections equal -> every logit equal: each direction's cross-entropy is ln(2B-1)
+    and the loss (the SUM of the two directions' means) is 2 ln(2B-1)."""
+    z = np.tile(np.array([[0.3, -1.0, 2.0]], np.float32), (b, 1))
+    loss, m = nt_xent_loss(z, z, temperature=0.1, return_metrics=True)
+    np.testing.assert_allclose(float(loss), 2 * math.log(2 * b - 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(loss), uniform_logits_loss(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(m["uniform_contrastive_loss"]), uniform_logits_loss(b),
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(m["chance_contrastive_accuracy"]), 1 / (2 * b - 1),
+                               rtol=1e-6)
+    assert chance_contrastive_accuracy(b) == 1 / (2 * b - 1)
+    # the entropy of a uniform distribution over the 2B-1 candidates is the same ln(2B-1)
+    np.testing.assert_allclose(float(m["contrastive_entropy"]), math.log(2 * b - 1), atol=1e-5)
+
+
+def test_chance_levels_use_the_global_batch(two_replica_strategy):
+    strategy = two_replica_strategy
+    z = np.random.default_rng(5).normal(size=(8, 4)).astype(np.float32)
+
+    @tf.function
+    def step(inputs):
+        def replica_fn(a, b):
+            _, m = nt_xent_loss(a, b, return_metrics=True)
+            return m["chance_contrastive_accuracy"], m["uniform_contrastive_loss"]
+        return strategy.run(replica_fn, args=inputs)
+
+    chance, uniform = step(_per_replica(strategy, (z, z[::-1].copy()), (0, 4, 8)))
+    for c, u in zip(strategy.experimental_local_results(chance),
+                    strategy.experimental_local_results(uniform)):
+        np.testing.assert_allclose(float(c), 1 / 15, rtol=1e-6)    # B = 8 global, not 4
+        np.testing.assert_allclose(float(u), 2 * math.log(15), rtol=1e-6)

@@ -39,6 +39,30 @@ def test_plan_and_segments():
     assert _segments(5, 3, 5) == [] and _segments(2, 45, 2) == []  # finished: no empty fit
 
 
+def _check_learning_health(summary, batch, warmup):
+    """The summary's learning_health block: chance levels of the global batch, final values from
+    the history, and `learning` / `warning` consistent with the 2x-chance rule."""
+    h = summary["learning_health"]
+    hist = summary["history"]
+    assert h["global_batch"] == batch
+    assert h["chance_contrastive_accuracy"] == pytest.approx(1 / (2 * batch - 1))
+    assert h["uniform_loss"] == pytest.approx(2 * np.log(2 * batch - 1))
+    # the chance metrics logged by the model for the batches it saw agree
+    assert hist["chance_contrastive_accuracy"][-1] == pytest.approx(1 / (2 * batch - 1))
+    assert hist["uniform_contrastive_loss"][-1] == pytest.approx(2 * np.log(2 * batch - 1))
+    assert h["final_contrastive_accuracy"] == hist["contrastive_accuracy"][-1]
+    assert h["final_loss"] == hist["contrastive_loss"][-1]
+    assert h["final_alignment"] == hist["alignment"][-1]
+    assert h["final_uniformity"] == hist["uniformity"][-1]
+    assert h["accuracy_over_chance"] == pytest.approx(
+        h["final_contrastive_accuracy"] * (2 * batch - 1))
+    assert len(hist["contrastive_accuracy_over_chance"]) == len(hist["loss"])
+    assert h["learning"] == (h["final_contrastive_accuracy"] > 2 / (2 * batch - 1))
+    post_warmup = hist["contrastive_accuracy"][warmup // summary["steps_per_epoch"]:]
+    stalled = any(a <= 2 / (2 * batch - 1) for a in post_warmup)
+    assert (h["warning"] is not None) == stalled, (h, post_warmup)
+
+
 def _variables(prefix):
     r = tf.train.load_checkpoint(prefix)
     return {k: r.get_tensor(k) for k in r.get_variable_to_shape_map()
@@ -49,6 +73,7 @@ def test_resume_replays_exactly(ph2_records, tmp_path):
     cfg = tiny_cfg(ph2_records, tmp_path / "run")
     summary = run_pretraining(cfg)
     assert summary["final_step"] == 6 and np.isfinite(summary["final_loss"])
+    _check_learning_health(summary, batch=16, warmup=2)
     ckpt_dir = tmp_path / "run" / "checkpoints"
     final = _variables(str(ckpt_dir / "ckpt-6"))
     # Interrupt after step 4: drop the last checkpoint as if the run died before saving it.
