@@ -125,25 +125,29 @@ def check_shard_sizes(files, info, split):
 
 def read_pixel_hashes(data_dir, split, info=None):
     """{pixel_sha256: number of images} of a split, reading only the hash and id features
-    (fast: no image bytes are decoded). Empty for records written before the hashes existed;
-    `missing` images without a hash are counted under the key None."""
+    (no image is decoded). Images of records written before the hashes existed count under
+    the key None. Damaged shards raise ShardError naming the file, as in `read_case_index`."""
     info = info or read_info(data_dir)
+    task, num_classes = info["task"], len(info["label_names"])
     files = list_shards(data_dir, split)
     check_shard_sizes(files, info, split)
     counts = {}
     for path in files:
-        ds = tf.data.TFRecordDataset(path).map(schema.parse_pixel_hashes)
-        try:
-            for case in ds.as_numpy_iterator():
-                hashes = case["pixel_sha256"]
-                if len(hashes) == 0:
-                    counts[None] = counts.get(None, 0) + 1
-                for h in hashes:
-                    key = h.decode()
-                    counts[key] = counts.get(key, 0) + 1
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            raise ShardError(path, f"{path}: truncated or corrupt TFRecord shard "
-                                   f"({_tf_message(e)})") from None
+        ds = tf.data.TFRecordDataset(path).map(
+            lambda r: (schema.parse_pixel_hashes(r)["pixel_sha256"],
+                       tf.strings.length(r, unit="BYTE")))
+        nbytes = 0
+        for hashes, length in _read_shard(ds, path, task, num_classes):
+            nbytes += int(length) + 16
+            if len(hashes) == 0:
+                counts[None] = counts.get(None, 0) + 1
+            for h in hashes:
+                counts[h.decode()] = counts.get(h.decode(), 0) + 1
+        size = tf.io.gfile.stat(path).length
+        if size != nbytes:
+            raise ShardError(path, f"{path}: truncated TFRecord shard ({size - nbytes} bytes "
+                                   "after the last complete record); rewrite it with "
+                                   "micle-data or restore the file")
     return counts
 
 

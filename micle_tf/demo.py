@@ -38,6 +38,9 @@ class DemoSettings:
     pretrain_steps_per_epoch: int = 25  # checkpoint + kNN monitor interval
     pretrain_learning_rate: float = 1.0
     temperature: float = 0.2
+    augment: str = "derm"
+    color_jitter_strength: float = None  # None: the preset's default for the image size
+    crop_area_min: float = None
     finetune_batch_size: int = 32
     finetune_steps: int = 200
     finetune_learning_rate: float = 0.1
@@ -47,6 +50,12 @@ class DemoSettings:
     seed: int = 0
     init_checkpoint: str = None  # e.g. imagenet_simclr:/path/to/r50_1x_sk0 (stage 1 weights)
 
+
+# The longer reproduction run (`micle-demo --reproduce`): the demo's pretraining, and the
+# label-efficiency sweep over four fractions and three fine-tuning seeds.
+REPRODUCE = DemoSettings(fractions=(0.1, 0.25, 0.5, 1.0), seeds=(0, 1, 2))
+
+COMPARISONS_FORMAT = 2  # comparisons.json layout (2: retrieval with CIs and paired differences)
 
 QUICK = DemoSettings(width_multiplier=0.125, pretrain_batch_size=32, pretrain_steps=8,
                      pretrain_steps_per_epoch=4, finetune_steps=8, finetune_batch_size=32,
@@ -117,30 +126,22 @@ def pretrain(workdir, records, start, method, s):
     cfg = config_lib.PretrainConfig(
         method=method, data_dir=records, model_dir=model_dir, model=_model_cfg(s),
         batch_size=s.pretrain_batch_size, train_steps=s.pretrain_steps,
-        steps_per_epoch=s.pretrain_steps_per_epoch, learning_rate=s.pretrain_learning_rate, warmup_epochs=1, temperature=s.temperature,
+        steps_per_epoch=s.pretrain_steps_per_epoch, learning_rate=s.pretrain_learning_rate,
+        warmup_epochs=1, temperature=s.temperature, augment=s.augment,
+        color_jitter_strength=s.color_jitter_strength, crop_area_min=s.crop_area_min,
         init_checkpoint=start, seed=s.seed, verbose=2, knn_monitor=True, cache_decoded=True)
     return model_dir, run_pretraining(cfg)
 
 
-def retrieval(records, encoder_dirs, s):
-    """Same-lesion top-1 retrieval among held-out (test) lesions' patches, per encoder."""
-    import keras
-
-    from data_pipelines import reader
-    from micle_tf.evaluation import knn
-    from micle_tf.training.callbacks import embed
-    from micle_tf.training.checkpoints import load_encoder_weights
-    from micle_tf.training.pretrain import build_pretraining_model
-    out = {}
-    for name, path in encoder_dirs.items():
-        keras.utils.clear_session()
-        model = build_pretraining_model(config_lib.PretrainConfig(model=_model_cfg(s)))
-        load_encoder_weights(model.encoder, path)
-        ds = reader.make_dataset(records, "test", "supervised", 200, s.image_size,
-                                 training=False)
-        emb, _, cases = embed(model.encoder, ds)
-        out[name] = knn.same_case_retrieval(emb, cases, k=1)
-    return out
+def retrieval(workdir, records, encoder_dirs, s):
+    """Same-lesion retrieval among held-out (test) lesions' patches: top-1 and mAP with
+    case-bootstrap CIs per encoder, and paired differences (each method minus the start
+    encoder, MICLe minus SimCLR) on the same patches. Writes retrieval_test.json/.md."""
+    from micle_tf.evaluation.encoder_retrieval import evaluate_retrieval
+    return evaluate_retrieval(encoder_dirs, records, "test", out_dir=workdir, n_boot=s.n_boot,
+                              seed=s.seed, pairs=[("simclr", "start"), ("micle", "start"),
+                                                  ("micle", "simclr")],
+                              title="Same-lesion retrieval on held-out (test) lesions")
 
 
 def paired_comparisons(records, sweep, s, pairs=(("micle", "none"), ("simclr", "none"),
@@ -267,11 +268,12 @@ def run_demo(workdir, s):
     t = _stage("5/7 comparisons")
     fresh = sweep["counts"]["trained"] > 0 or sweep["counts"]["evaluated"] > 0
     cached = None if fresh else _load(os.path.join(workdir, "comparisons.json"))
-    if cached is None:
-        cached = {"comparisons": paired_comparisons(records, sweep, s),
-                  "retrieval": retrieval(records, {"start": start,
-                                                   "simclr": pretrained["simclr"][0],
-                                                   "micle": pretrained["micle"][0]}, s)}
+    if cached is None or cached.get("format") != COMPARISONS_FORMAT:
+        cached = {"format": COMPARISONS_FORMAT,
+                  "comparisons": paired_comparisons(records, sweep, s),
+                  "retrieval": retrieval(workdir, records,
+                                         {"start": start, "simclr": pretrained["simclr"][0],
+                                          "micle": pretrained["micle"][0]}, s)}
         _save(os.path.join(workdir, "comparisons.json"), cached)
     else:
         logging.info("micle-demo: comparisons computed earlier (reused)")

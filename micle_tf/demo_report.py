@@ -8,6 +8,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data_pipelines.writer import read_info
+from micle_tf import augment
+from micle_tf.evaluation import encoder_retrieval
 
 matplotlib.rcParams.setdefault("font.size", 9)
 
@@ -20,6 +22,40 @@ def _ci(ci):
     if not ci or ci[0] is None:
         return "n/a"
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _recipe(s):
+    r = augment.preset_settings(s.augment, s.image_size, s.color_jitter_strength,
+                                s.crop_area_min)
+    parts = [f"crop area {r['crop_area_range'][0]:g}–{r['crop_area_range'][1]:g}", "flip"]
+    if r["jitter_p"]:
+        parts.append(f"colour jitter strength {r['color_jitter_strength']:g} "
+                     f"(p {r['jitter_p']:g})")
+    if r["gray_p"]:
+        parts.append(f"grayscale p {r['gray_p']:g}")
+    if r["blur_p"]:
+        parts.append(f"blur p {r['blur_p']:g}, sigma {r['blur_sigma_range'][0]:.2g}–"
+                     f"{r['blur_sigma_range'][1]:.2g}, kernel {r['blur_kernel_size']}")
+    return ", ".join(parts)
+
+
+def _retrieval_claims(result):
+    """One sentence per paired difference, saying only what its CI supports."""
+    out = []
+    for p in result["paired"]:
+        d, (lo, hi) = p["top1"]["difference"], p["top1"]["ci95"]
+        if lo > 0:
+            out.append(f"{p['a']} retrieves a same-lesion patch more often than {p['b']} "
+                       f"(top-1 {d:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}] above 0).")
+        elif hi < 0:
+            out.append(f"{p['b']} retrieves a same-lesion patch more often than {p['a']} "
+                       f"(top-1 {p['a']} − {p['b']} {d:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}] "
+                       "below 0).")
+        else:
+            out.append(f"{p['a']} and {p['b']} are not distinguishable on top-1 retrieval "
+                       f"({d:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}] contains 0).")
+    return " ".join(out) + (" One seed, one split: these CIs cover the choice of test "
+                            "lesions, not run-to-run variation of pretraining.")
 
 
 def plot_pretraining_curves(pretrained, path):
@@ -76,22 +112,41 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
         f"{platform.python_version()}; wall time per stage: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
         "",
-        "## Pretraining", "",
-        "| method | steps | final NT-Xent loss | contrastive acc. | images/s |",
-        "|---|---|---|---|---|",
+        f"- Pretraining augmentation ({s.augment} preset resolved for {s.image_size} px): "
+        + _recipe(s) + ".",
+        "",
+        "## Pretraining: is the contrastive task learned?", "",
+        "Contrastive accuracy is the NT-Xent top-1 over the 2B − 1 candidates of a batch of B "
+        "pairs (chance 1/(2B − 1)); the loss sums both directions, so all-equal logits give "
+        "2·ln(2B − 1). Alignment (lower: the two views of a pair closer) and uniformity "
+        "(lower: projections spread over the sphere) are Wang & Isola's (2020). Final epoch.",
+        "",
+        "| method | steps | contrastive acc. | chance | × chance | NT-Xent loss | uniform-logit "
+        "loss | alignment | uniformity | learning? | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, (_, summary) in pretrained.items():
-        lines.append(f"| {method} | {summary.get('final_step')} | "
-                     f"{_f(summary.get('history', {}).get('contrastive_loss', [None])[-1])} | "
-                     f"{_f(summary.get('final_contrastive_accuracy'))} | "
-                     f"{_f(summary.get('images_per_second'), 1)} |")
+        h = summary.get("learning_health") or {}
+        lines.append(
+            f"| {method} | {summary.get('final_step')} | "
+            f"{_f(h.get('final_contrastive_accuracy'))} | {_f(h.get('chance_contrastive_accuracy'), 4)}"
+            f" | {_f(h.get('accuracy_over_chance'), 1)} | {_f(h.get('final_loss'))} | "
+            f"{_f(h.get('uniform_loss'))} | {_f(h.get('final_alignment'))} | "
+            f"{_f(h.get('final_uniformity'))} | "
+            f"{ {True: 'yes', False: '**no**', None: 'n/a'}[h.get('learning')]} | "
+            f"{_f(summary.get('images_per_second'), 1)} |")
+    warnings = [(m, (summ.get("learning_health") or {}).get("warning"))
+                for m, (_, summ) in pretrained.items()]
+    lines += [f"- **{m}: {w}**" for m, w in warnings if w]
     lines += ["", "![pretraining](pretraining.png)", "",
               "## Same-lesion retrieval on held-out lesions (label-free)", "",
               "For each test patch, is its nearest other test patch (cosine, encoder features) "
-              "from the same lesion? Test lesions were never seen in training.", "",
-              "| encoder | top-1 same-lesion | chance |", "|---|---|---|"]
-    for name, r in retrieval.items():
-        lines.append(f"| {name} | {_f(r['top1_hit_rate'])} | {_f(r['chance'])} |")
+              "from the same lesion (top-1), and how high are its lesion's other patches ranked "
+              "(mAP)? Test lesions were never seen in pretraining or fine-tuning, and no two "
+              "test patches have the same pixels (checked). 95% CIs resample lesions; the "
+              "differences are paired (same patches, same resamples).", ""]
+    lines += encoder_retrieval.markdown_tables(retrieval)
+    lines += ["", _retrieval_claims(retrieval), ""]
     lines += ["", "## Fine-tuning: test AUC (macro, one-vs-rest) and top-1, case level", "",
               "| label fraction | init | seed | labelled lesions | AUC [95% CI] | top-1 [95% CI] |",
               "|---|---|---|---|---|---|"]

@@ -8,6 +8,10 @@ label-efficiency sweeps.
       --sweep_inits=none:none,simclr:/tmp/simclr,micle:/tmp/micle \
       --sweep_fractions=0.1,0.25,0.5,1.0 --sweep_seeds=0,1 --backbone=resnet18 --image_size=32
       -> sweep.json, sweep.md, label_efficiency.png (+ one fine-tuned model_dir per run)
+  micle-evaluate --retrieval --data_dir=/tmp/ph2 --model_dir=/tmp/micle --split=test \
+      --compare_to=simclr:/tmp/simclr,start:/tmp/start
+      -> retrieval_test.json, retrieval_test.md in --model_dir: label-free same-case
+         retrieval (top-1, mAP, CIs) of pretrained encoders and their paired differences
 
 Before predicting, evaluation refuses a dataset whose label names differ from the model's, and
 a split that shares a case with the cases the model (or its pretraining run) was trained on.
@@ -42,6 +46,10 @@ flags.DEFINE_list("sweep_inits", None, "name:init_from pairs, e.g. none:none,mic
 flags.DEFINE_list("sweep_fractions", ["0.1", "0.25", "0.5", "1.0"], "Label fractions.")
 flags.DEFINE_list("sweep_seeds", ["0"], "Seeds (label subset and training).")
 flags.DEFINE_string("sweep_dir", None, "Sweep output directory (one model_dir per run).")
+flags.DEFINE_bool("retrieval", False, "Score the ENCODER of a micle-pretrain --model_dir by "
+                  "same-case retrieval among the images of --split (no fine-tuning, no labels).")
+flags.DEFINE_list("compare_to", [], "With --retrieval: name:encoder_dir pairs scored on the "
+                  "same images; paired differences model_dir - each of them are reported.")
 
 # Fine-tuning flags for --sweep: the micle-finetune flags and defaults.
 common.define_model_flags()
@@ -60,17 +68,17 @@ flags.DEFINE_string("train_split", "train", "Sweep: split to fine-tune on.")
 flags.DEFINE_string("eval_split", "val", "Sweep: split validated at each epoch end.")
 
 
-def parse_inits(items):
+def parse_inits(items, flag="--sweep_inits", required=True):
     inits = {}
     for item in items or []:
         name, sep, init = item.partition(":")
         if not sep or not name or not init:
-            raise app.UsageError(f"--sweep_inits entry {item!r} is not name:init_from")
+            raise app.UsageError(f"{flag} entry {item!r} is not name:path")
         if name in inits:
-            raise app.UsageError(f"--sweep_inits names {name!r} twice")
+            raise app.UsageError(f"{flag} names {name!r} twice")
         inits[name] = init
-    if not inits:
-        raise app.UsageError("--sweep needs --sweep_inits")
+    if not inits and required:
+        raise app.UsageError(f"--sweep needs {flag}")
     return inits
 
 
@@ -109,6 +117,18 @@ def main(argv):
                           "summary": sweep["summary"]["auc_macro"]}))
         return
     common.require("data_dir", "model_dir", "split")
+    if FLAGS.retrieval:
+        from micle_tf.evaluation import encoder_retrieval
+        name = os.path.basename(os.path.abspath(FLAGS.model_dir)) or "encoder"
+        encoders = {name: FLAGS.model_dir, **parse_inits(FLAGS.compare_to, "--compare_to",
+                                                         required=False)}
+        result = encoder_retrieval.evaluate_retrieval(
+            encoders, FLAGS.data_dir, FLAGS.split, out_dir=FLAGS.out_dir or FLAGS.model_dir,
+            n_boot=FLAGS.n_boot, seed=FLAGS.eval_seed, pairs=[(name, n) for n in encoders
+                                                               if n != name])
+        print(json.dumps({n: {k: r[k] for k in ("top1", "map", "chance_top1", "ci95")}
+                          for n, r in result["reports"].items()}))
+        return
     kw = dict(level=FLAGS.level, n_boot=FLAGS.n_boot, seed=FLAGS.eval_seed,
               out_dir=FLAGS.out_dir, which=FLAGS.which, batch_size=FLAGS.eval_batch_size)
     if FLAGS.shift_data_dir:
