@@ -20,17 +20,9 @@ install-dev: install
 	$(PIP) install -q -e ".[dev,dicom]"
 	$(PIP) install -q --no-deps pneumonia-model-package==0.3.0
 
-# The main job on the embedded data. Until micle-demo lands this builds the PH2 records and
-# pretrains MICLe for a few steps; see README.
+# The main job on the embedded data: every stage of the pipeline on PH2 (see README).
 demo: install
-	@if [ -x $(VENV)/bin/micle-demo ] && $(PY) -c "import micle_tf.cli.demo" 2>/dev/null; then \
-	  $(VENV)/bin/micle-demo --workdir=$(WORKDIR); \
-	else \
-	  $(VENV)/bin/micle-data --source=ph2 --output_dir=$(WORKDIR)/records --overwrite && \
-	  $(VENV)/bin/micle-pretrain --method=micle --data_dir=$(WORKDIR)/records \
-	    --model_dir=$(WORKDIR)/pretrain_micle --backbone=resnet18 --width_multiplier=0.25 \
-	    --image_size=32 --batch_size=32 --train_epochs=2; \
-	fi
+	$(VENV)/bin/micle-demo --workdir=$(WORKDIR)
 
 data: install
 	$(VENV)/bin/micle-data --source=ph2 --output_dir=$(WORKDIR)/records --overwrite

@@ -113,8 +113,8 @@ def measure_encoder(encoder_path, shared, info):
     from data_pipelines import reader
     from micle_tf import config as config_lib
     from micle_tf.evaluation import knn, retrieval
-    from micle_tf.training.callbacks import embed
-    from micle_tf.training.checkpoints import load_encoder_weights
+    from micle_tf.inference import embed
+    from micle_tf.rundir import load_encoder_weights
     from micle_tf.training.pretrain import build_pretraining_model
     keras.utils.clear_session()
     model = build_pretraining_model(config_lib.PretrainConfig(model=model_config(shared)))

@@ -114,7 +114,8 @@ def run_child(cfg):
 
     from micle_tf.config import ModelConfig, PretrainConfig
     from micle_tf.optimizers import WarmupCosineDecay, build_optimizer, scale_learning_rate
-    from micle_tf.training.pretrain import build_pretraining_model, seed_everything
+    from micle_tf.training.pretrain import build_pretraining_model
+    from micle_tf.training.runner import seed_everything
 
     seed_everything(0)
     keras.mixed_precision.set_global_policy(

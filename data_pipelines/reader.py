@@ -1,6 +1,6 @@
 """Streaming tf.data reader for case-bag records.
 
-Modes (DESIGN.md):
+Modes:
 - `simclr`: one image drawn from each case, two augmented views of it.
 - `micle`: two *distinct* images of the same case, each augmented; a one-image case falls back to
   two views of its single image. The pair is re-drawn every time the case comes round (each
@@ -149,6 +149,34 @@ def read_pixel_hashes(data_dir, split, info=None):
                                    "after the last complete record); rewrite it with "
                                    "micle-data or restore the file")
     return counts
+
+
+def read_case_attributes(data_dir, split, info=None):
+    """{case_id: {attribute: token}} of a split (`case/attr/*`, see `data_pipelines.schema`),
+    reading only the id and attribute features (no image is decoded). A case without
+    attributes (a source that has none, or records written before the keys existed) maps to
+    {}. Damaged shards raise ShardError naming the file, as in `read_case_index`."""
+    info = info or read_info(data_dir)
+    task, num_classes = info["task"], len(info["label_names"])
+    files = list_shards(data_dir, split)
+    check_shard_sizes(files, info, split)
+    names = schema.CASE_ATTRIBUTES
+    out = {}
+    for path in files:
+        ds = tf.data.TFRecordDataset(path).map(
+            lambda r: (schema.parse_case_attributes(r), tf.strings.length(r, unit="BYTE")))
+        nbytes = 0
+        for parsed, length in _read_shard(ds, path, task, num_classes):
+            nbytes += int(length) + 16
+            values = parsed["attributes"]
+            out[parsed["case_id"].decode()] = {n: values[n].decode() for n in names
+                                               if values[n]}
+        size = tf.io.gfile.stat(path).length
+        if size != nbytes:
+            raise ShardError(path, f"{path}: truncated TFRecord shard ({size - nbytes} bytes "
+                                   "after the last complete record); rewrite it with "
+                                   "micle-data or restore the file")
+    return out
 
 
 def _case_filter(case_ids):

@@ -12,6 +12,7 @@ Feature keys (the on-disk contract; also listed in the README):
 | `image/pixel_sha256` | bytes [N]     | SHA-256 (hex) of the decoded pixels with shape and bit depth  |
 | `label/class`      | int64 [0 or 1]  | multiclass: index into `label_names`; absent = unlabelled     |
 | `label/multi`      | int64 [0 or C]  | multilabel: one code per label name (see below); absent = none|
+| `case/attr/<name>` | bytes [0 or 1]  | a non-identifying case attribute, a token of a fixed vocabulary (below); absent = the source does not have it |
 
 `image/pixel_sha256` identifies content, not a person: the hash of what TensorFlow decodes
 (after grey -> RGB tiling and alpha removal), so two files holding the same picture share it. The
@@ -20,6 +21,26 @@ writer rejects or groups such copies; the evaluator refuses a split sharing one 
 
 Multilabel codes: 1 positive, 0 negative, -1 uncertain (e.g. CheXpert's -1.0), -2 missing
 (a blank cell). Keeping uncertain and missing distinct lets fine-tuning choose a policy later.
+
+Case attributes (`case/attr/<name>`, for subgroup analysis): only the names of
+`CASE_ATTRIBUTES`, and only the tokens of `CASE_ATTRIBUTE_VALUES[name]` (`encode_case` refuses
+anything else, so no free text, date or raw age can enter a record through them):
+
+| name           | tokens                                                                   |
+|----------------|--------------------------------------------------------------------------|
+| `sex`          | female, male, other, unknown                                             |
+| `age_band`     | 0-9, 10-19, ..., 80-89, 90+ (10-year bands, 90 and older pooled), unknown |
+| `view`         | pa, ap, frontal (projection not given), lateral, other, mixed, unknown   |
+| `site`         | HAM10000's localization vocabulary (abdomen, acral, back, chest, ear, face, foot, genital, hand, lower_extremity, neck, scalp, trunk, upper_extremity), other, unknown |
+| `dx_type`      | histo, follow_up, consensus, confocal, other, unknown                    |
+| `modality`     | DICOM modality codes lower-cased (cr, dx, ct, mr, us, mg, ...), other, mixed, unknown |
+| `manufacturer` | a major vendor token (agfa, canon, carestream, esaote, fujifilm, ge, hitachi, hologic, kodak, konica_minolta, mindray, philips, samsung, shimadzu, siemens, toshiba), other, mixed, unknown |
+
+`view`, `modality` and `manufacturer` describe acquisitions (`IMAGE_LEVEL_ATTRIBUTES`): the case
+value is the images' common token, or `mixed` when the written images disagree. The others
+describe the patient or lesion and come from the case's first row. How each source maps its
+columns is in `data_pipelines/attributes.py`. `parse_case_attributes` reads them apart from
+`parse_case` (records written before the keys existed have none).
 
 Parsed form (what `parse_case` returns): `case_id` tf.string scalar, `encoded` tf.string [N],
 `label` int32 scalar (multiclass, -1 = unlabelled) or int32 [C] (multilabel, all -2 = none).
@@ -35,10 +56,59 @@ IMAGE_PIXEL_SHA256 = "image/pixel_sha256"
 LABEL_CLASS = "label/class"
 LABEL_MULTI = "label/multi"
 
+CASE_ATTRIBUTE_PREFIX = "case/attr/"
+
 POSITIVE, NEGATIVE, UNCERTAIN, MISSING = 1, 0, -1, -2
 UNLABELLED = -1  # multiclass "no label"
 TASKS = ("multiclass", "multilabel")
 IMAGE_FORMATS = ("png", "jpeg")
+
+# Case attributes: names and their fixed vocabularies (the record contract; see the docstring).
+UNKNOWN, OTHER, MIXED = "unknown", "other", "mixed"
+AGE_BANDS = tuple(f"{10 * i}-{10 * i + 9}" for i in range(9)) + ("90+",)
+SITES = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
+         "lower_extremity", "neck", "scalp", "trunk", "upper_extremity")
+MODALITIES = ("cr", "dx", "mg", "ct", "mr", "us", "pt", "nm", "xa", "rf", "io", "px", "op",
+              "sm", "xc", "es", "ot")
+MANUFACTURERS = ("agfa", "canon", "carestream", "esaote", "fujifilm", "ge", "hitachi",
+                 "hologic", "kodak", "konica_minolta", "mindray", "philips", "samsung",
+                 "shimadzu", "siemens", "toshiba")
+CASE_ATTRIBUTE_VALUES = {
+    "sex": ("female", "male", OTHER, UNKNOWN),
+    "age_band": AGE_BANDS + (UNKNOWN,),
+    "view": ("pa", "ap", "frontal", "lateral", OTHER, MIXED, UNKNOWN),
+    "site": SITES + (OTHER, UNKNOWN),
+    "dx_type": ("histo", "follow_up", "consensus", "confocal", OTHER, UNKNOWN),
+    "modality": MODALITIES + (OTHER, MIXED, UNKNOWN),
+    "manufacturer": MANUFACTURERS + (OTHER, MIXED, UNKNOWN),
+}
+CASE_ATTRIBUTES = tuple(CASE_ATTRIBUTE_VALUES)
+IMAGE_LEVEL_ATTRIBUTES = ("view", "modality", "manufacturer")
+
+
+def attribute_key(name):
+    """The feature key of a case attribute: `case/attr/<name>`."""
+    return CASE_ATTRIBUTE_PREFIX + name
+
+
+def check_case_attributes(attributes, case_id=""):
+    """Validates {name: token}: names from CASE_ATTRIBUTES, tokens from their vocabulary.
+    Returns the dict with str values; raises ValueError naming the offending entry."""
+    out = {}
+    for name, value in (attributes or {}).items():
+        if name not in CASE_ATTRIBUTE_VALUES:
+            raise ValueError(f"case {case_id}: unknown case attribute {name!r}; expected one "
+                             f"of {CASE_ATTRIBUTES}")
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str) or value not in CASE_ATTRIBUTE_VALUES[name]:
+            # the value itself is not echoed: it may be the raw text a source forgot to map
+            raise ValueError(f"case {case_id}: case attribute {name!r} must be one of "
+                             f"{CASE_ATTRIBUTE_VALUES[name]} (got a {type(value).__name__} "
+                             "outside the vocabulary; map source values with "
+                             "data_pipelines.attributes)")
+        out[name] = value
+    return out
 
 
 def _bytes(values):
@@ -50,10 +120,11 @@ def _ints(values):
 
 
 def encode_case(case_id, images, formats, views=None, label=None, task="multiclass",
-                num_classes=None, pixel_sha256=None):
+                num_classes=None, pixel_sha256=None, attributes=None):
     """Serialises one case. `label` is an int (multiclass), a sequence of codes (multilabel)
     or None (unlabelled); `pixel_sha256` one hex digest per image (the writer always gives
-    them). Validates everything a reader later relies on."""
+    them); `attributes` {name: token} written as `case/attr/<name>` (names and tokens checked
+    against CASE_ATTRIBUTE_VALUES). Validates everything a reader later relies on."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if not images:
@@ -78,6 +149,8 @@ def encode_case(case_id, images, formats, views=None, label=None, task="multicla
     }
     if pixel_sha256 is not None:
         feature[IMAGE_PIXEL_SHA256] = _bytes(h.encode() for h in pixel_sha256)
+    for name, value in check_case_attributes(attributes, case_id).items():
+        feature[attribute_key(name)] = _bytes([value.encode("ascii")])
     if label is not None:
         if task == "multiclass":
             label = int(label)
@@ -116,6 +189,22 @@ def parse_pixel_hashes(serialized):
     ex = tf.io.parse_single_example(serialized, _HASH_SPEC)
     return {"case_id": ex[CASE_ID],
             "pixel_sha256": tf.sparse.to_dense(ex[IMAGE_PIXEL_SHA256], default_value="")}
+
+
+_ATTRIBUTE_SPEC = {CASE_ID: tf.io.FixedLenFeature([], tf.string),
+                   **{attribute_key(n): tf.io.VarLenFeature(tf.string) for n in CASE_ATTRIBUTES}}
+
+
+def parse_case_attributes(serialized):
+    """{"case_id", "attributes": {name: tf.string scalar, "" when the record lacks it}} of one
+    serialized case, for every name of CASE_ATTRIBUTES, without touching the image bytes."""
+    ex = tf.io.parse_single_example(serialized, _ATTRIBUTE_SPEC)
+    attributes = {}
+    for name in CASE_ATTRIBUTES:
+        values = tf.sparse.to_dense(ex[attribute_key(name)], default_value="")
+        attributes[name] = tf.cond(tf.size(values) > 0, lambda v=values: v[0],
+                                   lambda: tf.constant(""))
+    return {"case_id": ex[CASE_ID], "attributes": attributes}
 
 
 def parse_case(serialized, task, num_classes):

@@ -12,9 +12,17 @@ and a label. The writer hashes the ids and works in two passes:
    each split's shards from the spool.
 
 Every image the source read is either written or listed in `rejected` with a reason
-(items_read = written + rejected). Shards and the info file are written under temporary names
-and renamed when complete; a failed run removes its temporary files, so a crash never leaves a
-shard that looks finished.
+(items_read = written + rejected).
+
+Case attributes (`SourceCase.attributes`, see `data_pipelines/attributes.py`) are written as
+`case/attr/<name>`; an image-level attribute given per image (view, modality, manufacturer)
+takes the common value of the images actually written, or "mixed". `dataset_info.json` counts
+them: `case_attributes: {split: {name: {token: cases}}}`. These counts are not suppressed:
+coarse tokens counted over a whole split do not identify anyone (small subgroups are
+suppressed where metrics are reported, in `micle_tf.evaluation.subgroups`).
+
+Shards and the info file are written under temporary names and renamed when complete; a failed
+run removes its temporary files, so a crash never leaves a shard that looks finished.
 """
 import collections
 import dataclasses
@@ -31,7 +39,7 @@ from typing import Any, Callable, List, Optional
 import tensorflow as tf
 from absl import logging
 
-from data_pipelines import __version__, schema, splits
+from data_pipelines import __version__, attributes as case_attributes, schema, splits
 from data_pipelines.decode import ImageRejected
 from data_pipelines.prepare import DEFAULT_MAX_PIXELS, prepare_image
 
@@ -88,6 +96,9 @@ class SourceCase:
     label: Any = None  # int (multiclass), list of codes (multilabel), or None
     split: Optional[str] = None  # set by sources that ship their own splits (MedMNIST)
     item: str = ""  # how to name the case in messages, e.g. "rows 4-9"
+    # {name: token} of schema.CASE_ATTRIBUTES; an image-level one (schema.IMAGE_LEVEL_ATTRIBUTES)
+    # may instead be a list with one token per image (the writer combines the written ones)
+    attributes: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -159,6 +170,7 @@ class _Checked:
     digest: str
     offset: int
     length: int
+    index: int = -1  # position in the SourceCase's `images`
 
 
 class _UnionFind:
@@ -216,6 +228,7 @@ def write_dataset(source, output_dir, salt, fractions=splits.DEFAULT_FRACTIONS, 
                              "(sources must merge rows of one case)")
         hashed[hid] = case
         order.append(hid)
+        _check_attributes(case, hid)
     preset = [c.split for c in source.cases]
     if any(s is not None for s in preset) and any(s is None for s in preset):
         raise ValueError("some cases carry a source split and others do not")
@@ -231,9 +244,9 @@ def write_dataset(source, output_dir, salt, fractions=splits.DEFAULT_FRACTIONS, 
                 raise EmptyDatasetError(_nothing_written(source, rejected), rejected)
             assignment = _assign_splits(hashed, survivors, dup.pop("links"), duplicates,
                                         preset, fractions, seed)
-            split_info, written_ids = _write_splits(output_dir, assignment, hashed, checked,
-                                                    spool, source.task, num_classes, fractions,
-                                                    num_shards, pid)
+            split_info, written_ids, attribute_counts = _write_splits(
+                output_dir, assignment, hashed, checked, spool, source.task, num_classes,
+                fractions, num_shards, pid)
     except BaseException:
         _remove_temporaries(output_dir, pid)
         raise
@@ -265,6 +278,7 @@ def write_dataset(source, output_dir, salt, fractions=splits.DEFAULT_FRACTIONS, 
         "items_written": images_written,
         "items_rejected": items_rejected,
         "duplicates": dup,
+        "case_attributes": attribute_counts,
         "source": source.name,
         "citation": source.citation,
         "created_by": f"micle-tf {__version__} (data_pipelines)",
@@ -301,7 +315,7 @@ def _check_images(source, hashed, order, spool, resize_to, max_pixels, policy, l
     for done, hid in enumerate(order, start=1):
         case = hashed[hid]
         kept, in_case = [], {}
-        for img in case.images:
+        for index, img in enumerate(case.images):
             n_images += 1
             try:
                 data = img.load()
@@ -339,7 +353,7 @@ def _check_images(source, hashed, order, spool, resize_to, max_pixels, policy, l
             offset = spool.seek(0, os.SEEK_END)
             spool.write(prepared.data)
             kept.append(_Checked(img.item, img.view, prepared.format, digest, offset,
-                                 len(prepared.data)))
+                                 len(prepared.data), index))
         if not kept:
             rejected.append({"item": case.item or f"case {hid}", "kind": "case",
                              "reason": "empty case: no valid images"})
@@ -391,8 +405,9 @@ def _assign_splits(hashed, survivors, links, policy, preset, fractions, seed):
 
 def _write_splits(output_dir, assignment, hashed, checked, spool, task, num_classes,
                   fractions, num_shards, pid):
-    """Pass 2: every split's shards from the spool. Returns (split info, {split: [hid]})."""
-    split_info, written_ids = {}, {}
+    """Pass 2: every split's shards from the spool. Returns (split info, {split: [hid]},
+    {split: {attribute: {token: cases}}})."""
+    split_info, written_ids, attribute_counts = {}, {}, {}
     known = [n for n, _ in fractions if n in assignment]
     for split in known + sorted(set(assignment) - set(known)):
         ids = sorted(assignment[split])
@@ -402,16 +417,21 @@ def _write_splits(output_dir, assignment, hashed, checked, spool, task, num_clas
         final = [shard_path(output_dir, split, i, count) for i in range(count)]
         temps = [f"{p}.tmp-{pid}" for p in final]
         writers = [tf.io.TFRecordWriter(t) for t in temps]
+        counts = collections.defaultdict(collections.Counter)
         try:
             for n, hid in enumerate(ids):
                 images = []
                 for img in checked[hid]:
                     spool.seek(img.offset)
                     images.append(spool.read(img.length))
+                attrs = case_attributes.resolve_case_attributes(
+                    hashed[hid].attributes, [i.index for i in checked[hid]])
+                for name, value in attrs.items():
+                    counts[name][value] += 1
                 record = schema.encode_case(
                     hid, images, [i.fmt for i in checked[hid]], [i.view for i in checked[hid]],
                     hashed[hid].label, task, num_classes,
-                    pixel_sha256=[i.digest for i in checked[hid]])
+                    pixel_sha256=[i.digest for i in checked[hid]], attributes=attrs)
                 writers[n % count].write(record)
         finally:
             for w in writers:
@@ -423,7 +443,27 @@ def _write_splits(output_dir, assignment, hashed, checked, spool, task, num_clas
         split_info[split] = {"cases": len(ids), "images": n_images, "shards": count,
                              "shard_bytes": [os.path.getsize(p) for p in final]}
         written_ids[split] = ids
-    return split_info, written_ids
+        attribute_counts[split] = {name: dict(sorted(c.items())) for name, c in counts.items()}
+    return split_info, written_ids, attribute_counts
+
+
+def _check_attributes(case, hid):
+    """Fails fast (before any image is read) on attribute names or tokens outside the schema,
+    and on per-image lists whose length is not the number of images."""
+    plain = {}
+    for name, value in case.attributes.items():
+        if isinstance(value, (list, tuple)):
+            if name not in schema.IMAGE_LEVEL_ATTRIBUTES:
+                raise ValueError(f"case {case.item or hid}: only {schema.IMAGE_LEVEL_ATTRIBUTES}"
+                                 f" may be given per image, not {name!r}")
+            if len(value) != len(case.images):
+                raise ValueError(f"case {case.item or hid}: {len(value)} {name} values for "
+                                 f"{len(case.images)} images")
+            for v in value:
+                schema.check_case_attributes({name: v}, case.item or hid)
+        else:
+            plain[name] = value
+    schema.check_case_attributes(plain, case.item or hid)
 
 
 def _nothing_written(source, rejected):

@@ -1,7 +1,12 @@
 """Configs as plain dataclasses. The CLIs turn absl flags into these; library code takes them.
 
-Defaults follow the SimCLR/MICLe recipes where they apply to small data; every field is a
-plain JSON value so a config is written into each run's summary and can be re-created from it.
+Each dataclass's defaults ARE its recipe, and the one place they are written: the CLIs read their
+flag defaults from these classes (micle_tf/cli/common.py), so `micle-pretrain` with no tuning
+flag equals `PretrainConfig()` and `micle-finetune` equals `FinetuneConfig()`. Pretraining
+follows SimCLR (LARS, lr 0.3 x batch/256, 10 warmup epochs, weight decay 1e-6); fine-tuning
+follows SimCLR's fine-tuning (LARS, lr 0.16 x batch/256, no warmup, no weight decay, 30 epochs
+at batch 128). Every field is a plain JSON value, so a config is written into each run's
+model_dir and re-created from it (`from_dict`).
 """
 import dataclasses
 from typing import Optional
@@ -32,7 +37,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What every training run shares (pretraining and fine-tuning)."""
+    """What every training run shares (pretraining and fine-tuning); the schedule defaults are
+    the pretraining recipe's (FinetuneConfig overrides them)."""
     data_dir: str = ""
     model_dir: str = ""
     batch_size: int = 256
@@ -40,14 +46,14 @@ class TrainConfig:
     train_epochs: int = 100
     steps_per_epoch: Optional[int] = None  # default: train cases // batch (>= 1)
     learning_rate: float = 0.3
-    learning_rate_scaling: str = "linear"
+    learning_rate_scaling: str = "linear"  # optimizers.LR_SCALINGS
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
-    optimizer: str = "lars"
+    optimizer: str = "lars"  # optimizers.OPTIMIZERS
     momentum: float = 0.9
-    strategy: str = "default"
+    strategy: str = "default"  # training.distribute.STRATEGIES
     tpu: Optional[str] = None
-    mixed_precision: Optional[str] = None  # None | "bfloat16" | "float16"
+    mixed_precision: Optional[str] = None  # None (float32) | training.distribute.MIXED_PRECISION
     cache_decoded: bool = False  # keep decoded training cases in RAM (small data sets)
     seed: int = 0
     keep_checkpoints: int = 3
@@ -77,6 +83,13 @@ class PretrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class FinetuneConfig(TrainConfig):
+    # SimCLR's fine-tuning recipe (google-research/simclr, fine-tuning on ImageNet labels).
+    batch_size: int = 128
+    train_epochs: int = 30
+    learning_rate: float = 0.16
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "lars"
     init_from: str = "none"  # a pretrain model_dir | imagenet_simclr:PATH | none
     label_fraction: float = 1.0
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

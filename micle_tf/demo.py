@@ -25,7 +25,8 @@ import numpy as np
 from absl import logging
 
 from data_pipelines.writer import INFO_FILE, load_or_create_salt, read_info, write_dataset
-from micle_tf import config as config_lib
+from micle_tf import config as config_lib, inference, rundir
+from micle_tf.models.contrastive import METHODS
 
 
 @dataclasses.dataclass
@@ -90,38 +91,35 @@ def build_start_encoder(workdir, s):
     import keras
     import tensorflow as tf
 
-    from micle_tf.training.checkpoints import load_encoder_weights
     from micle_tf.training.pretrain import build_pretraining_model
     out = os.path.join(workdir, "start_encoder")
-    if tf.train.latest_checkpoint(os.path.join(out, "checkpoints")):
+    if tf.train.latest_checkpoint(os.path.join(out, rundir.CHECKPOINT_SUBDIR)):
         return out
     keras.utils.clear_session()
     keras.utils.set_random_seed(s.seed + 1000)
     cfg = config_lib.PretrainConfig(model=_model_cfg(s))
     model = build_pretraining_model(cfg)
     if s.init_checkpoint:
-        load_encoder_weights(model.encoder, s.init_checkpoint, model.projection_head)
+        rundir.load_encoder_weights(model.encoder, s.init_checkpoint, model.projection_head)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                         os.path.join(out, "checkpoints"), max_to_keep=1)
+                                         os.path.join(out, rundir.CHECKPOINT_SUBDIR),
+                                         max_to_keep=1)
     manager.save(checkpoint_number=0)
-    with open(os.path.join(out, "start_encoder.json"), "w") as f:
-        json.dump({"source": s.init_checkpoint or f"random initialisation, seed {s.seed + 1000}",
-                   "model": dataclasses.asdict(cfg.model)}, f, indent=2)
+    rundir.write_json(os.path.join(out, rundir.START_ENCODER_FILE), {
+        "source": s.init_checkpoint or f"random initialisation, seed {s.seed + 1000}",
+        "model": dataclasses.asdict(cfg.model)})
     return out
 
 
 def pretrain(workdir, records, start, method, s):
     import keras
 
-    from micle_tf.training.pretrain import SUMMARY_FILE, run_pretraining
+    from micle_tf.training.pretrain import run_pretraining
     model_dir = os.path.join(workdir, f"pretrain_{method}")
-    summary_path = os.path.join(model_dir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if summary.get("final_step") == s.pretrain_steps:
-            logging.info("micle-demo: %s pretraining finished earlier (reused)", method)
-            return model_dir, summary
+    summary = rundir.read_json(os.path.join(model_dir, rundir.PRETRAIN_SUMMARY_FILE))
+    if summary is not None and summary.get("final_step") == s.pretrain_steps:
+        logging.info("micle-demo: %s pretraining finished earlier (reused)", method)
+        return model_dir, summary
     keras.utils.clear_session()
     cfg = config_lib.PretrainConfig(
         method=method, data_dir=records, model_dir=model_dir, model=_model_cfg(s),
@@ -150,13 +148,13 @@ def paired_comparisons(records, sweep, s, pairs=(("micle", "none"), ("simclr", "
     import keras
 
     from micle_tf.evaluation import metrics
-    from micle_tf.training import finetune as ft
     info = read_info(records)
     cache = {}
     for row in sweep["rows"]:
         keras.utils.clear_session()
-        model, cfg, _ = ft.load_classifier(row["model_dir"], "best")[:3]
-        case_ids, labels, p = ft.predict_split(model, records, "test", cfg.model.image_size)
+        model, cfg, _ = rundir.load_classifier(row["model_dir"], "best")
+        case_ids, labels, p = inference.predict_split(model, records, "test",
+                                                      cfg.model.image_size)
         ids, cp, cl = metrics.aggregate_by_case(case_ids, p, labels)
         cache[(row["init"], row["label_fraction"], row["seed"])] = (ids, cp, cl)
     out = []
@@ -182,8 +180,8 @@ def pick_best(sweep):
     """The run to export: best *validation* AUC (test stays untouched by the choice)."""
     best, best_auc = None, -1.0
     for row in sweep["rows"]:
-        with open(os.path.join(row["model_dir"], "finetune_summary.json")) as f:
-            summary = json.load(f)
+        summary = rundir.read_json(os.path.join(row["model_dir"],
+                                                rundir.FINETUNE_SUMMARY_FILE))
         auc = ((summary.get("best") or {}).get("val_metrics") or {}).get("auc_macro")
         if auc is not None and auc > best_auc:
             best, best_auc = row, auc
@@ -220,24 +218,12 @@ def check_export_in_fresh_process(export_dir, records):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _load(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _save(path, obj):
-    from data_pipelines.writer import write_json_atomic
-    write_json_atomic(path, obj)
-
-
 def run_demo(workdir, s):
     """Runs (or resumes) every stage; returns the path of report.md."""
     import keras
 
-    from micle_tf.evaluation.evaluate import run_sweep
     from micle_tf.export.serving import export_saved_model
+    from micle_tf.training.sweep import run_sweep
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     t = _stage("1/7 records")
@@ -249,7 +235,7 @@ def run_demo(workdir, s):
     timings["start_encoder"] = time.time() - t
 
     pretrained = {}
-    for method in ("simclr", "micle"):
+    for method in METHODS:
         t = _stage(f"3/7 {method} pretraining ({s.pretrain_steps} steps)")
         pretrained[method] = pretrain(workdir, records, start, method, s)
         timings[f"pretrain_{method}"] = time.time() - t
@@ -267,14 +253,14 @@ def run_demo(workdir, s):
 
     t = _stage("5/7 comparisons")
     fresh = sweep["counts"]["trained"] > 0 or sweep["counts"]["evaluated"] > 0
-    cached = None if fresh else _load(os.path.join(workdir, "comparisons.json"))
+    cached = None if fresh else rundir.read_json(os.path.join(workdir, "comparisons.json"))
     if cached is None or cached.get("format") != COMPARISONS_FORMAT:
         cached = {"format": COMPARISONS_FORMAT,
                   "comparisons": paired_comparisons(records, sweep, s),
                   "retrieval": retrieval(workdir, records,
                                          {"start": start, "simclr": pretrained["simclr"][0],
                                           "micle": pretrained["micle"][0]}, s)}
-        _save(os.path.join(workdir, "comparisons.json"), cached)
+        rundir.write_json(os.path.join(workdir, "comparisons.json"), cached)
     else:
         logging.info("micle-demo: comparisons computed earlier (reused)")
     comparisons, retrieval_scores = cached["comparisons"], cached["retrieval"]
@@ -283,7 +269,7 @@ def run_demo(workdir, s):
     t = _stage("6/7 export")
     best, best_val_auc = pick_best(sweep)
     export_dir = os.path.join(workdir, "export")
-    previous = _load(os.path.join(workdir, "export_check.json"))
+    previous = rundir.read_json(os.path.join(workdir, "export_check.json"))
     if (previous and previous.get("model_dir") == best["model_dir"] and not fresh
             and os.path.exists(os.path.join(export_dir, "saved_model.pb"))):
         logging.info("micle-demo: export exists for the chosen model (reused)")
@@ -293,7 +279,7 @@ def run_demo(workdir, s):
         exported = export_saved_model(best["model_dir"], export_dir, which="best",
                                       overwrite=True)
         check = check_export_in_fresh_process(export_dir, records)
-        _save(os.path.join(workdir, "export_check.json"),
+        rundir.write_json(os.path.join(workdir, "export_check.json"),
               {"model_dir": best["model_dir"], "exported": exported, "check": check})
     timings["export"] = time.time() - t
 

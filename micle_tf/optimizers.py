@@ -17,10 +17,15 @@ from keras import ops
 __all__ = [
     "DEFAULT_EXCLUDE_FROM_WEIGHT_DECAY",
     "LARS",
+    "LR_SCALINGS",
+    "OPTIMIZERS",
     "WarmupCosineDecay",
     "build_optimizer",
     "scale_learning_rate",
 ]
+
+OPTIMIZERS = ("lars", "sgd", "adam")  # build_optimizer names (--optimizer)
+LR_SCALINGS = ("linear", "sqrt")  # scale_learning_rate modes (--learning_rate_scaling)
 
 # Regular expressions (searched with ``re.search``) matched against each variable's
 # ``.path`` (Keras 3, e.g. "sequential/batch_normalization/gamma") or, for raw

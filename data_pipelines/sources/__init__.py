@@ -8,17 +8,9 @@ SOURCES = ("ph2", "folder", "ham10000", "chexpert", "nih_cxr14", "medmnist", "di
 
 
 def get_source(name):
-    """Returns the module implementing `build(...)` for a source name."""
-    if name == "ph2":
-        from data_pipelines.sources import ph2 as module
-    elif name == "folder":
-        from data_pipelines.sources import folder as module
-    else:
-        import importlib
-        if name not in SOURCES:
-            raise ValueError(f"unknown source {name!r}; expected one of {SOURCES}")
-        try:
-            module = importlib.import_module(f"data_pipelines.sources.{name}")
-        except ModuleNotFoundError:
-            raise NotImplementedError(f"source {name!r} is not implemented yet") from None
-    return module
+    """Returns the module implementing `build(...)` for a source name (one module per name in
+    SOURCES, imported on first use: a source's optional dependencies load only when used)."""
+    import importlib
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; expected one of {SOURCES}")
+    return importlib.import_module(f"data_pipelines.sources.{name}")

@@ -25,7 +25,13 @@ Labels: `chexpert_labels="all"` (default) keeps the 14 observations in upstream 
 Effusion); `--label_names` may instead name any subset of the 14 columns.
 `frontal_only=True` rejects lateral rows (counted, by CSV line). View tag: `frontal_PA`,
 `frontal_AP`, `frontal_LL`, `frontal_RL` or `lateral` from `Frontal/Lateral` + `AP/PA`
-(a fixed vocabulary; anything else gives an empty tag). Sex and age are not copied.
+(a fixed vocabulary; anything else gives an empty tag).
+
+Case attributes (`data_pipelines.attributes`): `Sex` -> `case/attr/sex`, `Age` ->
+`case/attr/age_band` (10-year band; CheXpert records ages over 89 as 90 -> "90+"), both from the
+case's first kept row, and `case/attr/view` from the view tags of the images written (pa, ap,
+frontal, lateral, or "mixed" for a case with both frontal and lateral images - most patient
+cases). Tokens only; nothing is copied as text.
 """
 import collections
 import os
@@ -33,7 +39,7 @@ import re
 
 from absl import logging
 
-from data_pipelines import schema
+from data_pipelines import attributes, schema
 from data_pipelines.sources.folder import group_cases, read_csv_rows
 from data_pipelines.sources.ham10000 import check_label_names
 from data_pipelines.writer import SourceData
@@ -133,7 +139,7 @@ def build(input_path=None, label_names=None, task="multilabel", chexpert_labels=
     rows = list(read_csv_rows(input_path, required=REQUIRED_COLUMNS + tuple(names)))
 
     # Pass 1: per-row codes (or the reason the row is rejected) and its patient/study.
-    parsed = []  # (line, patient, study, path, label-or-RowRejected, view)
+    parsed = []  # (line, patient, study, path, label-or-RowRejected, view, attributes)
     for line, r in rows:
         path = r["Path"].replace("\\", "/")
         m = _PATH_RE.search(path)
@@ -147,11 +153,16 @@ def build(input_path=None, label_names=None, task="multilabel", chexpert_labels=
             label = RowRejected("lateral view excluded (frontal_only)")
         else:
             label = _parse_codes(r, names)
-        parsed.append([line, patient, study, path, label, view])
+        attrs = {"view": attributes.view(view)}
+        if "Sex" in r:
+            attrs["sex"] = attributes.sex(r["Sex"])
+        if "Age" in r:
+            attrs["age_band"] = attributes.age_band(r["Age"])
+        parsed.append([line, patient, study, path, label, view, attrs])
 
     # Pass 2: one label per study; rows of a study that disagree are all rejected.
     study_labels, study_lines = {}, collections.defaultdict(list)
-    for line, _, study, path, label, _ in parsed:
+    for line, _, study, path, label, _, _ in parsed:
         if path and not isinstance(label, RowRejected):
             study_labels.setdefault(study, set()).add(tuple(label))
             study_lines[study].append(line)
@@ -165,7 +176,7 @@ def build(input_path=None, label_names=None, task="multilabel", chexpert_labels=
     # Pass 3 (patient cases): every row takes the label of its patient's first study.
     if chexpert_case == "patient":
         first_study, differing = {}, set()
-        for _, patient, study, path, label, _ in parsed:
+        for _, patient, study, path, label, _, _ in parsed:
             if isinstance(label, RowRejected) or not path:
                 continue
             first = first_study.setdefault(patient, study)
@@ -184,7 +195,8 @@ def build(input_path=None, label_names=None, task="multilabel", chexpert_labels=
     rejected = []
     resolve = _choose_base(csv_dir, (e[3] for e in parsed))
     cases, items_read = group_cases(
-        ((e[0], e[key_of], e[3], e[4], e[5]) for e in parsed), csv_name, names, "multilabel",
+        ((e[0], e[key_of], e[3], e[4], e[5], e[6]) for e in parsed), csv_name, names,
+        "multilabel",
         rejected, resolve, parse_label=take_prepared_label)
     return SourceData(name="chexpert", task="multilabel", label_names=names, cases=cases,
                       rejected=rejected, items_read=items_read, citation=CITATION)

@@ -18,10 +18,18 @@ object contributes its middle frame):
   colour: YBR is converted to RGB by pydicom, PALETTE COLOR through its lookup table; samples
     deeper than 8 bits are scaled to 8 bits. No windowing.
 
-Privacy: NO DICOM attribute is copied into the records — only pixels (burned-in annotations in
-the pixels themselves are not detected; de-identify such data first). The view tag is
-ViewPosition only when it is one of AP, PA, LL, LAT (a fixed vocabulary, never free text).
-Items are named by their path relative to `--input` (use non-identifying file names).
+Privacy: NO DICOM attribute is copied into the records as it is — only pixels (burned-in
+annotations in the pixels themselves are not detected; de-identify such data first). The view
+tag is ViewPosition only when it is one of AP, PA, LL, LAT (a fixed vocabulary, never free
+text). Four attributes become case attributes, as fixed tokens only
+(`data_pipelines.attributes`): PatientSex -> `case/attr/sex`, PatientAge ("045Y", "006M") ->
+`case/attr/age_band` (a 10-year band; a file without PatientAge is "unknown": the age is never
+computed from PatientBirthDate or any date, which are not even read), Modality ->
+`case/attr/modality` (the code lower-cased, from a fixed list) and Manufacturer (free text) ->
+`case/attr/manufacturer` (a major vendor's token such as "philips", else "other"). Sex and age
+come from the case's first file; modality and manufacturer are per image ("mixed" when the
+written images of a case differ). Items are named by their path relative to `--input` (use
+non-identifying file names).
 
 Labels (optional): `dicom_labels=labels.csv` with a `label` column and a `SOPInstanceUID` or
 `file` column (`file` = the path relative to `--input`, or just the file name when that name is
@@ -36,12 +44,14 @@ import os
 
 import numpy as np
 
+from data_pipelines import attributes
 from data_pipelines.sources.folder import _parse_label, read_csv_rows
 from data_pipelines.writer import SourceCase, SourceData, SourceImage
 
 VIEWS = ("AP", "PA", "LL", "LAT")
 HEADER_TAGS = ("PatientID", "StudyInstanceUID", "SOPInstanceUID", "ViewPosition", "Rows",
-               "Columns", "NumberOfFrames")
+               "Columns", "NumberOfFrames", "PatientSex", "PatientAge", "Modality",
+               "Manufacturer")
 INSTALL = "pip install 'micle-tf[dicom]'  (or: pip install 'pydicom>=3' pydicom-data)"
 
 
@@ -183,7 +193,7 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
     if task not in ("multiclass", "multilabel"):
         raise ValueError(f"unknown task {task!r}")
     root = os.path.abspath(input_path)
-    rejected, images, read = [], [], 0  # images: [rel, path, case_key, uid, view, frames]
+    rejected, images, read = [], [], 0  # [rel, path, case_key, uid, view, frames, attrs]
     seen_uid = {}
     for path, rel in _walk(root):
         read += 1
@@ -226,7 +236,12 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
             frames = int(ds.get("NumberOfFrames", 1) or 1)
         except (TypeError, ValueError):
             frames = 1
-        images.append([rel, path, "\x1f".join(key), uid, view if view in VIEWS else "", frames])
+        attrs = {"sex": attributes.sex(ds.get("PatientSex", "")),
+                 "age_band": attributes.age_band(ds.get("PatientAge", "")),
+                 "modality": attributes.modality(ds.get("Modality", "")),
+                 "manufacturer": attributes.manufacturer(ds.get("Manufacturer", ""))}
+        images.append([rel, path, "\x1f".join(key), uid, view if view in VIEWS else "", frames,
+                       attrs])
 
     labels, names = {}, list(label_names or [])
     if dicom_labels:
@@ -235,14 +250,14 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
                                rejected)
 
     by_case = collections.OrderedDict()
-    for rel, path, key, _, view, frames in images:
+    for rel, path, key, _, view, frames, attrs in images:
         if isinstance(labels.get(rel), str):  # a label problem: reject the image
             rejected.append({"item": rel, "kind": "image", "reason": labels[rel]})
             continue
-        by_case.setdefault(key, []).append((rel, path, view, frames, labels.get(rel)))
+        by_case.setdefault(key, []).append((rel, path, view, frames, labels.get(rel), attrs))
     cases = []
     for key, members in by_case.items():
-        distinct = {repr(l): l for *_, l in members if l is not None}
+        distinct = {repr(l): l for *_, l, _ in members if l is not None}
         if len(distinct) > 1:
             for rel, *_ in members:
                 rejected.append({"item": rel, "kind": "image", "reason":
@@ -251,11 +266,15 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
             rejected.append({"item": f"case of {members[0][0]}", "kind": "case",
                              "reason": "conflicting labels; every image of the case rejected"})
             continue
+        first = members[0][5]
         cases.append(SourceCase(
             key=key, images=[SourceImage(item=rel, load=_loader(path, frames), view=view)
-                             for rel, path, view, frames, _ in members],
+                             for rel, path, view, frames, _, _ in members],
             label=next(iter(distinct.values())) if distinct else None,
-            item=f"case of {members[0][0]}"))
+            item=f"case of {members[0][0]}",
+            attributes={"sex": first["sex"], "age_band": first["age_band"],
+                        "modality": [m[5]["modality"] for m in members],
+                        "manufacturer": [m[5]["manufacturer"] for m in members]}))
     return SourceData(name="dicom", task=task, label_names=names, cases=cases,
                       rejected=rejected, items_read=read)
 
@@ -263,7 +282,7 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
 def _match_labels(label_rows, images, csv_name, names, task, rejected):
     """{image rel path: parsed label, or a str reason to reject the image}."""
     index = {n: i for i, n in enumerate(names)}
-    by_uid = {uid: rel for rel, _, _, uid, _, _ in images if uid}
+    by_uid = {uid: rel for rel, _, _, uid, *_ in images if uid}
     by_rel = {rel: rel for rel, *_ in images}
     by_base = collections.defaultdict(list)
     for rel, *_ in images:

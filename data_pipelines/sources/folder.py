@@ -1,8 +1,14 @@
 """Generic layout: a CSV with one row per image.
 
 Columns: `case_id` (patient/case), `image_path` (relative to the CSV's folder, or absolute),
-optional `label` and optional `view`. With `task="multilabel"` the label cell holds the positive
-label names separated by `|` (empty = all negative). `label_names` fixes the vocabulary and its
+optional `label` and optional `view`, and optional case attributes for subgroup analysis:
+`sex`, `age` (years, or a DICOM-style "045Y"; stored as a 10-year band) and `site` (HAM10000's
+localization names) - mapped to fixed tokens by `data_pipelines.attributes` (`case/attr/sex`,
+`case/attr/age_band`, `case/attr/site`; with a `view` column also `case/attr/view`), never
+copied as text. Sex, age and site come from the case's first row; view is per image.
+
+With `task="multilabel"` the label cell holds the positive label names separated by `|`
+(empty = all negative). `label_names` fixes the vocabulary and its
 order; otherwise it is inferred from the CSV and sorted. A CSV without a `label` column is an
 unlabelled set (fine for pretraining), unless `label_names` is given or a column is spelt
 `Label`/`LABEL`: then it is an error, not a silently unlabelled set. The CSV must be UTF-8 (a
@@ -13,6 +19,8 @@ import collections
 import csv
 import os
 
+from data_pipelines import attributes as attrs_
+from data_pipelines import schema
 from data_pipelines.writer import SourceCase, SourceData, SourceImage, file_loader
 
 REQUIRED_COLUMNS = ("case_id", "image_path")
@@ -57,13 +65,21 @@ def _not_utf8_message(path, name, error):
 
 def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
                 parse_label=None):
-    """Shared by CSV-driven sources: groups (line, case_key, path, label_text, view) rows into
-    SourceCases, rejecting unknown labels, conflicting labels within a case, empty paths and
-    duplicate images, and reporting cases left with no image. Returns (cases, items_read)."""
+    """Shared by CSV-driven sources: groups (line, case_key, path, label_text, view[, attrs])
+    rows into SourceCases, rejecting unknown labels, conflicting labels within a case, empty
+    paths and duplicate images, and reporting cases left with no image. Returns (cases,
+    items_read).
+
+    `attrs`, optional, is the row's {attribute: token} (already mapped by
+    `data_pipelines.attributes`). A case takes its first kept row's tokens, except for the
+    image-level attributes (schema.IMAGE_LEVEL_ATTRIBUTES, e.g. view), which become a list with
+    one token per image for the writer to combine over the images it writes."""
     index = {name: i for i, name in enumerate(label_names)}
     by_case = collections.OrderedDict()
     items_read = 0
-    for line, key, path, label_text, view in rows:
+    for row in rows:
+        line, key, path, label_text, view = row[:5]
+        row_attrs = row[5] if len(row) > 5 else None
         items_read += 1
         item = f"{csv_name}:{line}"
         if not key:
@@ -79,22 +95,22 @@ def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
         except ValueError as e:
             rejected.append({"item": item, "kind": "image", "reason": str(e)})
             continue
-        entry["rows"].append((item, path, label, view))
+        entry["rows"].append((item, path, label, view, row_attrs or {}))
     cases = []
     for key, entry in by_case.items():
         lines = entry["lines"]
         span = f"{csv_name}:{lines[0]}" + (f"-{lines[-1]}" if len(lines) > 1 else "")
-        labels = {repr(l): l for _, _, l, _ in entry["rows"] if l is not None}
+        labels = {repr(l): l for _, _, l, _, _ in entry["rows"] if l is not None}
         if len(labels) > 1:
-            for item, _, _, _ in entry["rows"]:
+            for item, _, _, _, _ in entry["rows"]:
                 rejected.append({"item": item, "kind": "image", "reason":
                                  f"conflicting labels within one case ({span}): "
                                  f"{sorted(labels)}"})
             rejected.append({"item": f"case at {span}", "kind": "case",
                              "reason": "conflicting labels; every row of the case rejected"})
             continue
-        images, seen = [], {}
-        for item, path, _, view in entry["rows"]:
+        images, seen, kept_attrs = [], {}, []
+        for item, path, _, view, row_attrs in entry["rows"]:
             full = resolve_path(path)
             # "a.png", "./a.png" and "sub/../a.png" name one file
             same = os.path.normcase(os.path.normpath(os.path.abspath(full)))
@@ -105,13 +121,36 @@ def group_cases(rows, csv_name, label_names, task, rejected, resolve_path,
                 continue
             seen[same] = item
             images.append(SourceImage(item=item, load=file_loader(full), view=view))
+            kept_attrs.append(row_attrs)
         if not images:
             rejected.append({"item": f"case at {span}", "kind": "case",
                              "reason": "empty case: every row was rejected"})
             continue
         label = next(iter(labels.values())) if labels else None
-        cases.append(SourceCase(key=key, images=images, label=label, item=f"case at {span}"))
+        cases.append(SourceCase(key=key, images=images, label=label, item=f"case at {span}",
+                                attributes=_case_attributes(kept_attrs)))
     return cases, items_read
+
+
+def _case_attributes(rows):
+    """The case's attributes from its kept rows' {name: token} (see `group_cases`)."""
+    out = {}
+    for name, value in rows[0].items():
+        if name in schema.IMAGE_LEVEL_ATTRIBUTES:
+            out[name] = [r.get(name, schema.UNKNOWN) for r in rows]
+        else:
+            out[name] = value
+    return out
+
+
+ATTRIBUTE_COLUMNS = {"sex": ("sex", attrs_.sex), "age": ("age_band", attrs_.age_band),
+                     "site": ("site", attrs_.site), "view": ("view", attrs_.view)}
+
+
+def row_attributes(row, columns):
+    """{attribute: token} of a folder-CSV row for the optional attribute columns present."""
+    return {name: fn(row.get(col, "")) for col, (name, fn) in ATTRIBUTE_COLUMNS.items()
+            if col in columns}
 
 
 def _parse_label(text, index, task):
@@ -175,8 +214,8 @@ def build(input_path=None, label_names=None, task="multiclass", **_):
         raise ValueError(f"{csv_name}: the label column is empty in every row")
     rejected = []
     cases, items_read = group_cases(
-        ((line, r["case_id"], r["image_path"], r.get("label", ""), r.get("view", ""))
-         for line, r in rows),
+        ((line, r["case_id"], r["image_path"], r.get("label", ""), r.get("view", ""),
+          row_attributes(r, columns)) for line, r in rows),
         csv_name, names, task, rejected,
         resolve_path=lambda p: p if os.path.isabs(p) else os.path.join(base, p))
     return SourceData(name="folder", task=task, label_names=names, cases=cases,

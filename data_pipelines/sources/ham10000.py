@@ -11,10 +11,15 @@ multi-instance bag). Label = `dx`, multiclass over the fixed upstream vocabulary
 order). `--label_names` may pick a subset or reorder it (rows with other dx are rejected). A row
 with an unknown dx, an image that is not on disk, or rows of one lesion that disagree on dx are
 rejected by CSV line (`HAM10000_metadata.csv:17`); `--task` is ignored (always multiclass).
-Nothing but pixels and the label reaches the records: age, sex and localization are not copied.
+Case attributes (for subgroup analysis; `data_pipelines.attributes`): `sex` ->
+`case/attr/sex`, `age` -> `case/attr/age_band` (10-year band, "90+"), `localization` ->
+`case/attr/site` and `dx_type` -> `case/attr/dx_type`, each mapped to a fixed token (never
+copied as text), from the lesion's first row; a column the CSV lacks is simply not written.
+Nothing else but pixels and the label reaches the records.
 """
 import os
 
+from data_pipelines import attributes
 from data_pipelines.sources.folder import group_cases, read_csv_rows
 from data_pipelines.writer import SourceData
 
@@ -30,6 +35,9 @@ LABEL_DESCRIPTIONS = {
 }
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 IMAGE_FOLDERS = ("", "HAM10000_images_part_1", "HAM10000_images_part_2", "images")
+ATTRIBUTE_COLUMNS = {"sex": ("sex", attributes.sex), "age": ("age_band", attributes.age_band),
+                     "localization": ("site", attributes.site),
+                     "dx_type": ("dx_type", attributes.dx_type)}
 CITATION = ("P. Tschandl, C. Rosendahl, H. Kittler, 'The HAM10000 dataset, a large collection of "
             "multi-source dermatoscopic images of common pigmented skin lesions', Sci. Data 5, "
             "180161 (2018). CC BY-NC 4.0.")
@@ -76,8 +84,12 @@ def build(input_path=None, label_names=None, task="multiclass", **_):
         # an image not on disk resolves to a path that does not exist -> "missing file"
         return index.get(file_name) or os.path.join(base, file_name)
 
-    rows = ((line, r["lesion_id"], f"{r['image_id']}.jpg" if r["image_id"] else "", r["dx"], "")
-            for line, r in read_csv_rows(input_path, required=REQUIRED_COLUMNS))
+    columns = []
+    rows = ((line, r["lesion_id"], f"{r['image_id']}.jpg" if r["image_id"] else "", r["dx"], "",
+             {name: fn(r.get(col, "")) for col, (name, fn) in ATTRIBUTE_COLUMNS.items()
+              if col in columns})
+            for line, r in read_csv_rows(input_path, required=REQUIRED_COLUMNS,
+                                         columns_out=columns))
     rejected = []
     cases, items_read = group_cases(rows, csv_name, names, "multiclass", rejected, resolve)
     return SourceData(name="ham10000", task="multiclass", label_names=names, cases=cases,

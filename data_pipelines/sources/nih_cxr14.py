@@ -13,13 +13,18 @@ follow-ups, so a case's label is the element-wise MAX over its rows with a valid
 Labels` cell: a finding is positive for the case if any of its rows reports it (a row whose
 image later proves unreadable still counts: the finding comes from its report, not its pixels).
 With `--label_names` (a subset of the 14) only those findings are kept. `View Position` becomes
-the view tag when it is one of PA, AP, LL, LAT. Age and gender are not copied. `--task` is
-ignored (always multilabel).
+the view tag when it is one of PA, AP, LL, LAT. `--task` is ignored (always multilabel).
+
+Case attributes (`data_pipelines.attributes`): `Patient Gender` (M/F) -> `case/attr/sex`,
+`Patient Age` ("58" or the older "058Y") -> `case/attr/age_band` (10-year band; ages above 120,
+data errors in the release, -> "unknown"), both from the patient's first kept row, and
+`case/attr/view` from the written images' view tags ("mixed" when a patient has PA and AP
+follow-ups). Tokens only; nothing is copied as text.
 """
 import glob
 import os
 
-from data_pipelines import schema
+from data_pipelines import attributes, schema
 from data_pipelines.sources.chexpert import RowRejected, take_prepared_label
 from data_pipelines.sources.folder import group_cases, read_csv_rows
 from data_pipelines.sources.ham10000 import check_label_names, index_files
@@ -81,11 +86,18 @@ def build(input_path=None, label_names=None, task="multilabel", **_):
             prev = merged.get(patient)
             merged[patient] = label if prev is None else [max(a, b) for a, b in zip(prev, label)]
         view = r.get("View Position", "").strip().upper()
-        parsed.append((line, patient, r["Image Index"], label, view if view in VIEWS else ""))
+        view = view if view in VIEWS else ""
+        attrs = {"view": attributes.view(view)}
+        if "Patient Gender" in r:
+            attrs["sex"] = attributes.sex(r["Patient Gender"])
+        if "Patient Age" in r:
+            attrs["age_band"] = attributes.age_band(r["Patient Age"])
+        parsed.append((line, patient, r["Image Index"], label, view, attrs))
 
     rows = ((line, patient, image,
-             label if isinstance(label, RowRejected) else merged.get(patient, label), view)
-            for line, patient, image, label, view in parsed)
+             label if isinstance(label, RowRejected) else merged.get(patient, label), view,
+             attrs)
+            for line, patient, image, label, view, attrs in parsed)
     rejected = []
     cases, items_read = group_cases(
         rows, csv_name, names, "multilabel", rejected,

@@ -11,26 +11,27 @@ import sys
 
 from absl import app, flags
 
+from micle_tf import demo
 from micle_tf.cli import common
 
 FLAGS = flags.FLAGS
+_D = demo.DemoSettings()  # the flag defaults: the default settings
 flags.DEFINE_string("workdir", "micle_demo_run", "Where every stage writes.")
 flags.DEFINE_bool("quick", False, "Tiny settings: a smoke run of every stage.")
 flags.DEFINE_bool("reproduce", False, "The default settings with the label-efficiency sweep "
                   "widened to fractions 0.1,0.25,0.5,1.0 and fine-tuning seeds 0,1,2 (about an "
                   "hour on a 2-core CPU; see README). Default --workdir: micle_reproduce_run.")
-flags.DEFINE_integer("seed", 0, "Seed for splits, weights, data order.")
+flags.DEFINE_integer("seed", _D.seed, "Seed for splits, weights, data order.")
 flags.DEFINE_list("label_fractions", None, "Override the label fractions (e.g. 0.1,0.5,1.0).")
 flags.DEFINE_list("seeds", None, "Fine-tuning seeds (default: 0).")
 flags.DEFINE_integer("pretrain_steps", None, "Override the pretraining steps.")
-flags.DEFINE_string("init_checkpoint", None, "Starting encoder for both methods, e.g. "
-                    "imagenet_simclr:/path/to/checkpoint (default: a seeded random init).")
+flags.DEFINE_string("init_checkpoint", _D.init_checkpoint, "Starting encoder for both methods, "
+                    "e.g. imagenet_simclr:/path/to/checkpoint (default: a seeded random init).")
 
 
 def main(argv):
     del argv
     common.setup_logging()
-    from micle_tf import demo
     if FLAGS.quick and FLAGS.reproduce:
         raise app.UsageError("--quick and --reproduce exclude each other")
     base = demo.QUICK if FLAGS.quick else demo.REPRODUCE if FLAGS.reproduce else \
@@ -50,7 +51,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_main(main, "micle-demo")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import sys
 
 from absl import app, flags
 
-from micle_tf import config as config_lib
 from micle_tf.cli import common
 
 FLAGS = flags.FLAGS
@@ -51,21 +50,8 @@ flags.DEFINE_bool("retrieval", False, "Score the ENCODER of a micle-pretrain --m
 flags.DEFINE_list("compare_to", [], "With --retrieval: name:encoder_dir pairs scored on the "
                   "same images; paired differences model_dir - each of them are reported.")
 
-# Fine-tuning flags for --sweep: the micle-finetune flags and defaults.
-common.define_model_flags()
-common.define_train_flags(batch_size=128, learning_rate=0.16, epochs=30, optimizer="lars",
-                          weight_decay=0.0, warmup_epochs=0.0)
-flags.DEFINE_integer("ft_proj_selector", 0, "Sweep: projection-head layer feeding the head.")
-flags.DEFINE_integer("fine_tune_after_block", -1, "Sweep: -1 trains all layers; 4 = linear "
-                     "evaluation.")
-flags.DEFINE_enum("uncertainty_policy", "ignore", ["ignore", "ones", "zeros"],
-                  "Sweep: multilabel uncertain labels policy.")
-flags.DEFINE_float("label_smoothing", 0.0, "Sweep: label smoothing (multiclass).")
-flags.DEFINE_enum("augment", "finetune", ["finetune", "none", "derm", "cxr"],
-                  "Sweep: training augmentation preset.")
-flags.DEFINE_integer("early_stopping_patience", None, "Sweep: early-stopping patience (epochs).")
-flags.DEFINE_string("train_split", "train", "Sweep: split to fine-tune on.")
-flags.DEFINE_string("eval_split", "val", "Sweep: split validated at each epoch end.")
+# Fine-tuning flags for --sweep: micle-finetune's own definitions and defaults.
+common.define_finetune_flags(help_prefix="With --sweep: ")
 
 
 def parse_inits(items, flag="--sweep_inits", required=True):
@@ -83,19 +69,9 @@ def parse_inits(items, flag="--sweep_inits", required=True):
 
 
 def _sweep_config(inits):
-    model = common.model_config_from_flags()
-    if not FLAGS["image_size"].present:
-        for init in inits.values():
-            path = os.path.join(init, "pretrain_config.json")
-            if init != "none" and os.path.exists(path):
-                with open(path) as f:
-                    model.image_size = json.load(f)["config"]["model"]["image_size"]
-                break
-    names = ["ft_proj_selector", "fine_tune_after_block", "uncertainty_policy",
-             "label_smoothing", "augment", "early_stopping_patience", "train_split",
-             "eval_split"]
-    return config_lib.FinetuneConfig(model=model, **{n: getattr(FLAGS, n) for n in names},
-                                     **common.train_kwargs_from_flags())
+    """The fine-tuning config every sweep run starts from (init_from, label_fraction and seed
+    are set per run); the image size may come from a pretraining run among the inits."""
+    return common.finetune_config_from_flags(list(inits.values()))
 
 
 def main(argv):
@@ -110,13 +86,20 @@ def main(argv):
             seeds = [int(s) for s in FLAGS.sweep_seeds]
         except ValueError as e:
             raise app.UsageError(f"bad --sweep_fractions/--sweep_seeds: {e}")
-        sweep = ev.run_sweep(FLAGS.data_dir, inits, fractions, seeds, _sweep_config(inits),
-                             FLAGS.sweep_dir, split=FLAGS.split or "test", level=FLAGS.level,
-                             n_boot=FLAGS.n_boot, eval_seed=FLAGS.eval_seed)
+        common.check_splits(FLAGS.data_dir, split=FLAGS.split or "test",
+                            train_split=FLAGS.train_split,
+                            eval_split=FLAGS.eval_split if FLAGS["eval_split"].present else None)
+        from micle_tf.training.sweep import run_sweep
+        sweep = run_sweep(FLAGS.data_dir, inits, fractions, seeds, _sweep_config(inits),
+                          FLAGS.sweep_dir, split=FLAGS.split or "test", level=FLAGS.level,
+                          n_boot=FLAGS.n_boot, eval_seed=FLAGS.eval_seed)
         print(json.dumps({"sweep_dir": FLAGS.sweep_dir, "counts": sweep["counts"],
                           "summary": sweep["summary"]["auc_macro"]}))
         return
     common.require("data_dir", "model_dir", "split")
+    common.check_splits(FLAGS.data_dir, split=FLAGS.split)
+    if FLAGS.shift_data_dir:
+        common.check_splits(FLAGS.shift_data_dir, shift_split=FLAGS.shift_split or FLAGS.split)
     if FLAGS.retrieval:
         from micle_tf.evaluation import encoder_retrieval
         name = os.path.basename(os.path.abspath(FLAGS.model_dir)) or "encoder"
@@ -146,7 +129,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_main(main, "micle-evaluate")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ with TensorFlow alone: `tf.saved_model.load(export_dir)`.
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from micle_tf.cli import common
 
@@ -29,16 +29,13 @@ def main(argv):
     common.setup_logging()
     common.require("model_dir", "export_dir")
     from micle_tf.export.serving import export_saved_model
-    try:
-        summary = export_saved_model(FLAGS.model_dir, FLAGS.export_dir,
-                                     which=FLAGS.checkpoint, overwrite=FLAGS.overwrite)
-    except (FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"micle-export: {e}") from None
+    summary = export_saved_model(FLAGS.model_dir, FLAGS.export_dir, which=FLAGS.checkpoint,
+                                 overwrite=FLAGS.overwrite)
     print(json.dumps(summary))
 
 
 def run():
-    app.run(main)
+    common.run_main(main, "micle-export")
 
 
 if __name__ == "__main__":

@@ -12,35 +12,39 @@ import sys
 
 from absl import app, flags
 
-from micle_tf import config as config_lib
+from micle_tf import augment, config as config_lib
 from micle_tf.cli import common
+from micle_tf.models.contrastive import METHODS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", None, ["simclr", "micle"], "Where positive pairs come from: two "
+_D = config_lib.PretrainConfig()  # the flag defaults: the pretraining recipe
+flags.DEFINE_enum("method", None, list(METHODS), "Where positive pairs come from: two "
                   "views of one image (simclr) or two images of one case (micle).")
 common.define_model_flags()
-common.define_train_flags()
-flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
-flags.DEFINE_enum("augment", "derm", ["derm", "cxr", "finetune", "none"], "Augmentation preset.")
-flags.DEFINE_enum("augment_placement", "host", ["host", "device"], "Where the photometric "
-                  "augmentation (colour jitter, grayscale, blur) runs: in the input pipeline "
-                  "(host) or batched at the start of the train step on the accelerator (device; "
-                  "for GPU/TPU hosts whose CPUs cannot keep up, see bench/README.md).")
-flags.DEFINE_float("color_jitter_strength", None, "Colour jitter strength s of the preset "
-                   "(brightness/contrast/saturation factors 1 +- 0.8s, hue +- 0.2s; 0 = no "
-                   "jitter). Default: the preset's value for --image_size (derm: 1.0 at 224 px, "
-                   "0.5 at <= 64 px; see micle_tf.augment.preset_settings).")
-flags.DEFINE_float("crop_area_min", None, "Smallest area fraction (0, 1] of the random resized "
-                   "crop. Default: the preset's value for --image_size (derm: 0.08 at 224 px, "
-                   "0.2 at <= 64 px).")
-flags.DEFINE_string("init_checkpoint", None, "Encoder weights to start from: a model_dir, a "
-                    "checkpoint prefix, or imagenet_simclr:PATH.")
-flags.DEFINE_bool("linear_probe", True, "Online linear probe on stop-gradient features.")
-flags.DEFINE_bool("knn_monitor", True, "kNN accuracy and same-case retrieval on the val split "
-                  "at each epoch end.")
-flags.DEFINE_string("tfds_name", None, "Pretrain on a prepared TFDS image dataset instead of "
-                    "records (stage 1, e.g. imagenet2012).")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --tfds_name.")
+common.define_train_flags(config_lib.PretrainConfig)
+flags.DEFINE_float("temperature", _D.temperature, "NT-Xent temperature.")
+flags.DEFINE_enum("augment", _D.augment, list(augment.PRESETS), "Augmentation preset.")
+flags.DEFINE_enum("augment_placement", _D.augment_placement, list(augment.PLACEMENTS),
+                  "Where the photometric augmentation (colour jitter, grayscale, blur) runs: in "
+                  "the input pipeline (host) or batched at the start of the train step on the "
+                  "accelerator (device; for GPU/TPU hosts whose CPUs cannot keep up, see "
+                  "bench/README.md).")
+flags.DEFINE_float("color_jitter_strength", _D.color_jitter_strength, "Colour jitter strength s "
+                   "of the preset (brightness/contrast/saturation factors 1 +- 0.8s, hue +- "
+                   "0.2s; 0 = no jitter). Default: the preset's value for --image_size (derm: "
+                   "1.0 at 224 px, 0.5 at <= 64 px; see micle_tf.augment.preset_settings).")
+flags.DEFINE_float("crop_area_min", _D.crop_area_min, "Smallest area fraction (0, 1] of the "
+                   "random resized crop. Default: the preset's value for --image_size (derm: "
+                   "0.08 at 224 px, 0.2 at <= 64 px).")
+flags.DEFINE_string("init_checkpoint", _D.init_checkpoint, "Encoder weights to start from: a "
+                    "model_dir, a checkpoint prefix, or imagenet_simclr:PATH.")
+flags.DEFINE_bool("linear_probe", _D.linear_probe, "Online linear probe on stop-gradient "
+                  "features.")
+flags.DEFINE_bool("knn_monitor", _D.knn_monitor, "kNN accuracy and same-case retrieval on the "
+                  "val split at each epoch end.")
+flags.DEFINE_string("tfds_name", _D.tfds_name, "Pretrain on a prepared TFDS image dataset "
+                    "instead of records (stage 1, e.g. imagenet2012).")
+flags.DEFINE_string("tfds_data_dir", _D.tfds_data_dir, "TFDS data_dir for --tfds_name.")
 
 
 def _check_augment_flags():
@@ -50,7 +54,6 @@ def _check_augment_flags():
     if FLAGS.augment == "none":
         raise app.UsageError("--augment=none is a resize only: --color_jitter_strength and "
                              "--crop_area_min do not apply")
-    from micle_tf import augment
     try:
         augment.preset_settings(FLAGS.augment, FLAGS.image_size, FLAGS.color_jitter_strength,
                                 FLAGS.crop_area_min)
@@ -82,7 +85,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_main(main, "micle-pretrain")
 
 
 if __name__ == "__main__":

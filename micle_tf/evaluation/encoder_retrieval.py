@@ -15,53 +15,39 @@ What it refuses, before embedding anything:
   retrieval must be among cases the encoder never saw.
 
 An encoder directory is a `micle-pretrain` model_dir (its `pretrain_config.json` gives the
-architecture) or any checkpoint directory/prefix with an explicit `model` config.
+architecture), a micle-finetune model_dir, micle-demo's starting encoder, or any checkpoint
+directory/prefix with an explicit `model_cfg` (see `micle_tf.rundir.load_encoder`).
 """
 import json
 import os
 
+import keras
 import numpy as np
 from absl import logging
 
 from data_pipelines import reader, splits
 from data_pipelines.writer import read_info, write_json_atomic
-from micle_tf import config as config_lib
+from micle_tf import inference, rundir
 from micle_tf.evaluation import retrieval
-
-PRETRAIN_CONFIG = "pretrain_config.json"
 
 
 def encoder_config(path):
-    """(ModelConfig, pretraining config dict or None) of an encoder directory."""
-    cfg_path = os.path.join(path, PRETRAIN_CONFIG)
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            saved = json.load(f)["config"]
-        return config_lib.ModelConfig(**saved["model"]), saved
-    meta = os.path.join(path, "start_encoder.json")  # micle-demo's shared starting encoder
-    if os.path.exists(meta):
-        with open(meta) as f:
-            return config_lib.ModelConfig(**json.load(f)["model"]), None
-    raise FileNotFoundError(f"{cfg_path} not found: is {path} a micle-pretrain model_dir?")
+    """(ModelConfig, its run's config or None) of an encoder directory (`rundir.architecture`:
+    a pretraining or fine-tuning model_dir, or micle-demo's starting encoder)."""
+    found = rundir.architecture(path)
+    if found is None:
+        raise FileNotFoundError(f"{os.path.join(path, rundir.PRETRAIN_CONFIG_FILE)} not found: "
+                                f"is {path} a micle-pretrain model_dir?")
+    return found
 
 
 def embed_split(path, data_dir, split, model_cfg=None, batch_size=256, info=None):
     """Encoder features of every image of `split`: (embeddings [N, D], case ids [N])."""
-    import keras
-
-    from micle_tf.models.factory import build_encoder
-    from micle_tf.training.callbacks import embed
-    from micle_tf.training.checkpoints import load_encoder_weights
     model_cfg = model_cfg or encoder_config(path)[0]
     keras.utils.clear_session()
-    encoder = build_encoder(model_cfg)
-    import tensorflow as tf
-    encoder(tf.zeros([1, model_cfg.image_size, model_cfg.image_size, 3]), training=False)
-    load_encoder_weights(encoder, path)
-    ds = reader.make_dataset(data_dir, split, "supervised", batch_size, model_cfg.image_size,
-                             training=False, info=info)
-    emb, _, cases = embed(encoder, ds)
-    return emb, np.asarray([c.decode() if isinstance(c, bytes) else c for c in cases])
+    encoder = rundir.load_encoder(path, model_cfg)
+    return inference.embed_split(encoder, data_dir, split, model_cfg.image_size, batch_size,
+                                 info=info)
 
 
 def check_split_for_retrieval(data_dir, split, encoders, info=None):
@@ -82,9 +68,9 @@ def check_split_for_retrieval(data_dir, split, encoders, info=None):
     eval_ids = [c for c, _, _ in reader.read_case_index(data_dir, split, info=info)]
     for name, path in encoders.items():
         _, pre = encoder_config(path)
-        if not pre or not pre.get("data_dir"):
+        if pre is None or not pre.data_dir:
             continue
-        pre_dir, pre_split = pre["data_dir"], pre.get("train_split", "train")
+        pre_dir, pre_split = pre.data_dir, pre.train_split
         try:
             trained = [c for c, _, _ in reader.read_case_index(pre_dir, pre_split)]
             trained_hashes = reader.read_pixel_hashes(pre_dir, pre_split)

@@ -1,18 +1,17 @@
-"""Evaluation of fine-tuned classifiers: metrics files, reports, distribution shift, sweeps.
+"""Evaluation of fine-tuned classifiers: metrics files, reports, distribution shift.
 
-- `evaluate_model_dir`: one model_dir on one split -> `metrics_{split}.json` (DESIGN.md keys),
+- `evaluate_model_dir`: one model_dir on one split -> `metrics_{split}.json` (the keys the README lists),
   `report_{split}.md`, `roc_{split}.png` and (multiclass) `confusion_{split}.png`. Before any
   prediction it refuses (ValueError) when the dataset's task/label names differ from the
   model's, when a case of the evaluated split is one the model (or its pretraining run) was
   trained on, or when one of its images has the same decoded pixels as a training image.
 - `evaluate_shift`: the same model on an in-distribution and a shifted dataset ->
   `shift_{split}.json` with both metric sets and the gaps (in-distribution minus shifted).
-- `run_sweep`: label-efficiency sweep (init x label fraction x seed) -> `sweep.json`,
-  `sweep.md`, `label_efficiency.png`; idempotent (finished runs are reused).
+
+It reads finished model_dirs through `micle_tf.rundir` and predicts through
+`micle_tf.inference`; the label-efficiency sweep, which also trains, is
+`micle_tf.training.sweep`.
 """
-import dataclasses
-import json
-import math
 import os
 
 import numpy as np
@@ -20,25 +19,11 @@ from absl import logging
 
 from data_pipelines import reader, splits
 from data_pipelines.writer import read_info, write_json_atomic
-from micle_tf import config as config_lib
+from micle_tf import inference, rundir
 from micle_tf.evaluation import metrics as metrics_lib
 from micle_tf.evaluation import report as report_lib
 
-DESIGN_KEYS = ("task", "level", "num_cases", "num_images", "top1", "top3", "auc_macro",
-               "auc_per_class", "ci95", "label_fraction", "init_from")
 GAP_METRICS = ("top1", "auc_macro")
-
-
-def _clean(x):
-    from micle_tf.training.finetune import _clean as clean
-    return clean(x)
-
-
-def _load_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -57,9 +42,8 @@ def _trained_case_sets(model_dir, cfg, facts):
     """{description: case ids} of every case the model saw in training (fine-tuning cases and,
     for an init_from pretraining dir, its pretraining split), with the salt they were hashed
     with."""
-    from micle_tf.training import finetune as ft
     out = []
-    saved = _load_json(os.path.join(model_dir, ft.TRAIN_CASES_FILE))
+    saved = rundir.read_json(os.path.join(model_dir, rundir.TRAIN_CASES_FILE))
     if saved is not None:
         out.append(("the model's fine-tuning cases", saved["case_ids"],
                     facts.get("salt_fingerprint")))
@@ -71,20 +55,27 @@ def _trained_case_sets(model_dir, cfg, facts):
                         facts.get("salt_fingerprint")))
         except (FileNotFoundError, ValueError) as e:
             logging.warning("cannot read the fine-tuning cases of %s: %s", model_dir, e)
-    init = cfg.init_from or "none"
-    pre_cfg_path = os.path.join(init, "pretrain_config.json")
-    if init != "none" and os.path.exists(pre_cfg_path):
-        pre = _load_json(pre_cfg_path)
-        pre_data, pre_split = pre["config"].get("data_dir"), pre["config"].get("train_split")
-        salt = (pre.get("dataset") or {}).get("salt_fingerprint")
+    pre, pre_facts = _pretraining_run(cfg)
+    if pre is not None:
+        pre_data, pre_split = pre.data_dir, pre.train_split
+        salt = pre_facts.get("salt_fingerprint")
         if pre_data and pre_split:
             try:
                 ids = [c for c, _, _ in reader.read_case_index(pre_data, pre_split)]
                 out.append((f"pretraining split {pre_split!r} of {pre_data}", ids, salt))
             except (FileNotFoundError, ValueError) as e:
                 logging.warning("cannot read the pretraining cases of %s (%s): that part of "
-                                "the leakage check is skipped", init, e)
+                                "the leakage check is skipped", cfg.init_from, e)
     return out
+
+
+def _pretraining_run(cfg):
+    """(PretrainConfig, dataset facts) of the pretraining run a model was initialised from, or
+    (None, {}) when it was not a micle-pretrain model_dir."""
+    init = cfg.init_from or "none"
+    if init == "none" or rundir.run_kind(init) != "pretrain":
+        return None, {}
+    return rundir.load_config(init, "pretrain")
 
 
 def check_no_leakage(model_dir, cfg, facts, data_dir, split, info=None):
@@ -133,10 +124,9 @@ def check_no_image_leakage(model_dir, cfg, facts, data_dir, split, info=None):
     ft_data = facts.get("data_dir") or cfg.data_dir
     if ft_data:
         candidates.append((ft_data, cfg.train_split))
-    init = cfg.init_from or "none"
-    pre = _load_json(os.path.join(init, "pretrain_config.json")) if init != "none" else None
-    if pre and pre["config"].get("data_dir") and pre["config"].get("train_split"):
-        candidates.append((pre["config"]["data_dir"], pre["config"]["train_split"]))
+    pre, _ = _pretraining_run(cfg)
+    if pre is not None and pre.data_dir and pre.train_split:
+        candidates.append((pre.data_dir, pre.train_split))
     checked = []
     for other_dir, other_split in candidates:
         if (same(other_dir, data_dir) and other_split == split) or any(
@@ -178,12 +168,12 @@ def _level_view(case_ids, labels, probs, level):
 def _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boot, seed, out_dir,
                      tag, batch_size, title, predict_fn=None):
     """Predicts, scores and writes the files of one evaluation (checks done by the caller)."""
-    from micle_tf.training.finetune import predict_split
     info = read_info(data_dir)
     logging.info("evaluating %s on %s/%s (%s level, %d bootstrap resamples)", model_dir,
                  data_dir, split, level, n_boot)
-    case_ids, labels, probs = predict_split(model, data_dir, split, cfg.model.image_size,
-                                            batch_size, info=info, predict_fn=predict_fn)
+    case_ids, labels, probs = inference.predict_split(model, data_dir, split,
+                                                      cfg.model.image_size, batch_size,
+                                                      info=info, predict_fn=predict_fn)
     names = list(facts["label_names"])
     result = metrics_lib.evaluate_predictions(
         case_ids, labels, probs, facts["task"], names, level=level, n_boot=n_boot, seed=seed,
@@ -192,7 +182,7 @@ def _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boo
                   model_dir=os.path.abspath(model_dir), label_names=names,
                   checkpoint=getattr(model, "checkpoint_path", None),
                   source=info.get("source"))
-    result = _clean(result)
+    result = rundir.clean(result)
     os.makedirs(out_dir, exist_ok=True)
     y, p, _ = _level_view(case_ids, labels, probs, level)
     plots = {"ROC curves": report_lib.plot_roc(y, p, facts["task"], names,
@@ -201,7 +191,7 @@ def _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boo
         plots["Confusion matrix"] = report_lib.plot_confusion(
             y, p, names, os.path.join(out_dir, f"confusion_{tag}.png"))
     result["plots"] = {k: os.path.basename(v) for k, v in plots.items()}
-    write_json_atomic(os.path.join(out_dir, f"metrics_{tag}.json"), result)
+    write_json_atomic(os.path.join(out_dir, rundir.metrics_file(tag)), result)
     report_lib.write_report(result, os.path.join(out_dir, f"report_{tag}.md"), plots=plots,
                             title=title)
     logging.info("%s: top1 %s, auc_macro %s (%d cases)", tag, result.get("top1"),
@@ -214,10 +204,9 @@ def evaluate_model_dir(model_dir, data_dir, split, level="case", n_boot=1000, se
     """Evaluates a micle-finetune model_dir on `split` of `data_dir`; writes
     `metrics_{split}.json`, `report_{split}.md` and PNG plots into out_dir (default model_dir)
     and returns the metrics dict. `which`: "best" (by val AUC) or "latest" checkpoint."""
-    from micle_tf.training.finetune import load_classifier, load_finetune_config
-    cfg, facts = load_finetune_config(model_dir)
+    cfg, facts = rundir.load_config(model_dir, "finetune")
     _check(model_dir, cfg, facts, data_dir, split)  # before building anything
-    model, cfg, facts = load_classifier(model_dir, which)
+    model, cfg, facts = rundir.load_classifier(model_dir, which)
     result, _ = _evaluate_loaded(model, cfg, facts, model_dir, data_dir, split, level, n_boot,
                                  seed, out_dir or model_dir, split, batch_size,
                                  f"Evaluation of {os.path.basename(os.path.abspath(model_dir))} "
@@ -252,16 +241,14 @@ def evaluate_shift(model_dir, in_data_dir, shift_data_dir, split="test", shift_s
     "gap" ({metric: in - shifted}), "gap_ci95" (unpaired), "ci_note"}. The two case sets differ,
     so there is no paired test: `gap_ci95` comes from independent bootstraps of the two case
     sets (resample each, subtract), and each metric set keeps its own CI."""
-    from micle_tf.training.finetune import (load_classifier, load_finetune_config,
-                                            make_predict_fn)
     shift_split = shift_split or split
     out_dir = out_dir or model_dir
-    cfg, facts = load_finetune_config(model_dir)
+    cfg, facts = rundir.load_config(model_dir, "finetune")
     for d, sp in ((in_data_dir, split), (shift_data_dir, shift_split)):
         _check(model_dir, cfg, facts, d, sp)
-    model, cfg, facts = load_classifier(model_dir, which)
+    model, cfg, facts = rundir.load_classifier(model_dir, which)
     name = os.path.basename(os.path.abspath(model_dir))
-    predict_fn = make_predict_fn(model)  # one trace for both datasets
+    predict_fn = inference.make_predict_fn(model)  # one trace for both datasets
     in_res, in_pred = _evaluate_loaded(model, cfg, facts, model_dir, in_data_dir, split, level,
                                        n_boot, seed, out_dir, split, batch_size,
                                        f"Evaluation of {name} on {split} ({level} level)",
@@ -277,7 +264,7 @@ def evaluate_shift(model_dir, in_data_dir, shift_data_dir, split="test", shift_s
         gap[m] = None if a is None or b is None else float(a - b)
     gap_ci = (_unpaired_gap_ci(in_pred, sh_pred, facts["task"], list(facts["label_names"]),
                                level, n_boot, seed) if n_boot > 0 else {})
-    out = _clean({
+    out = rundir.clean({
         "split": split,
         "shift_split": shift_split,
         "level": level,
@@ -294,122 +281,3 @@ def evaluate_shift(model_dir, in_data_dir, shift_data_dir, split="test", shift_s
     write_json_atomic(os.path.join(out_dir, f"shift_{split}.json"), out)
     logging.info("shift gap (in - shifted): %s", gap)
     return out
-
-
-# ----------------------------------------------------------------------------------- sweep
-_SWEEP_MATCH_KEYS = ("init_from", "label_fraction", "seed", "train_steps", "train_epochs",
-                     "steps_per_epoch", "batch_size", "learning_rate", "optimizer",
-                     "weight_decay", "fine_tune_after_block", "ft_proj_selector", "train_split")
-
-
-def _same_run(saved_cfg, cfg):
-    diffs = [k for k in _SWEEP_MATCH_KEYS if saved_cfg.get(k) != getattr(cfg, k)]
-    if os.path.abspath(saved_cfg.get("data_dir") or "") != os.path.abspath(cfg.data_dir):
-        diffs.append("data_dir")
-    return diffs
-
-
-def _fraction_tag(f):
-    return f"f{float(f):g}"
-
-
-def run_sweep(data_dir, inits, fractions, seeds, base_cfg, out_dir, split="test", level="case",
-              n_boot=1000, eval_seed=0, metric="auc_macro"):
-    """Label-efficiency sweep: fine-tunes every init x fraction x seed into
-    `out_dir/{name}/f{fraction}_s{seed}` and evaluates it on `split`.
-
-    inits: {name: init_from}. A run whose finetune_summary.json exists (with the same settings)
-    is not trained again, and its metrics_{split}.json is reused when it matches (level, n_boot,
-    checkpoint); an interrupted run resumes. A finished run with other settings is an error
-    (use another out_dir). Writes `sweep.json`, `sweep.md`, `label_efficiency.png`; returns the
-    sweep dict (rows, summary, counts of trained / reused / evaluated runs)."""
-    import keras
-    from micle_tf.training import finetune as ft
-    os.makedirs(out_dir, exist_ok=True)
-    rows, counts = [], {"trained": 0, "reused": 0, "evaluated": 0}
-    for name, init in inits.items():
-        for fraction in fractions:
-            for seed in seeds:
-                run_dir = os.path.join(out_dir, name, f"{_fraction_tag(fraction)}_s{int(seed)}")
-                cfg = dataclasses.replace(base_cfg, data_dir=data_dir, model_dir=run_dir,
-                                          init_from=init, label_fraction=float(fraction),
-                                          seed=int(seed))
-                summary = _load_json(os.path.join(run_dir, ft.SUMMARY_FILE))
-                if summary is not None:
-                    diffs = _same_run(summary["config"], cfg)
-                    if diffs:
-                        raise ValueError(f"{run_dir} holds a finished run with other settings "
-                                         f"({', '.join(diffs)}); use another sweep directory")
-                    counts["reused"] += 1
-                    trained = False
-                else:
-                    logging.info("sweep: fine-tuning %s (init_from=%s, fraction %g, seed %d)",
-                                 name, init, fraction, seed)
-                    keras.utils.clear_session()
-                    summary = ft.run_finetuning(cfg)
-                    counts["trained"] += 1
-                    trained = True
-                metrics = _load_json(os.path.join(run_dir, f"metrics_{split}.json"))
-                best = ft.classifier_checkpoint(run_dir, "best")
-                if (trained or metrics is None or metrics.get("level") != level
-                        or metrics.get("n_boot") != n_boot or metrics.get("checkpoint") != best):
-                    keras.utils.clear_session()
-                    metrics = evaluate_model_dir(run_dir, data_dir, split, level=level,
-                                                 n_boot=n_boot, seed=eval_seed)
-                    counts["evaluated"] += 1
-                ci = metrics.get("ci95") or {}
-                rows.append({
-                    "init": name, "init_from": init, "label_fraction": float(fraction),
-                    "seed": int(seed), "top1": metrics.get("top1"), "top3": metrics.get("top3"),
-                    "auc_macro": metrics.get("auc_macro"),
-                    "ci95": {k: ci.get(k) for k in ("top1", "auc_macro")},
-                    "num_cases": metrics.get("num_cases"),
-                    "num_labelled_cases": summary.get("num_labelled_cases"),
-                    "num_labelled_images": summary.get("num_labelled_images"),
-                    "final_step": summary.get("final_step"),
-                    "model_dir": os.path.abspath(run_dir), "trained_now": trained})
-    summaries = {m: report_lib.label_efficiency_table(rows, m) for m in ("auc_macro", "top1")}
-    plot = report_lib.plot_label_efficiency(rows, os.path.join(out_dir, "label_efficiency.png"),
-                                            metric=metric, band="std")
-    sweep = _clean({
-        "data_dir": os.path.abspath(data_dir), "split": split, "level": level, "n_boot": n_boot,
-        "metric": metric, "inits": dict(inits), "fractions": [float(f) for f in fractions],
-        "seeds": [int(s) for s in seeds], "rows": rows,
-        "summary": {m: s for m, (s, _) in summaries.items()},
-        "counts": counts, "plot": os.path.basename(plot),
-        "base_config": config_lib.to_dict(base_cfg),
-    })
-    write_json_atomic(os.path.join(out_dir, "sweep.json"), sweep)
-    _write_sweep_md(os.path.join(out_dir, "sweep.md"), sweep, summaries)
-    logging.info("sweep: %d runs (%d trained, %d reused) -> %s", len(rows), counts["trained"],
-                 counts["reused"], out_dir)
-    return sweep
-
-
-def _fmt(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def _write_sweep_md(path, sweep, summaries):
-    lines = ["# Label-efficiency sweep", "",
-             f"Evaluated on `{sweep['split']}` of `{sweep['data_dir']}` at {sweep['level']} "
-             f"level; {sweep['n_boot']} case-bootstrap resamples per run. Inits: "
-             + ", ".join(f"`{k}` = `{v}`" for k, v in sweep["inits"].items())
-             + f". Seeds: {sweep['seeds']}.", ""]
-    for m, (_, md) in summaries.items():
-        lines += [f"## {m}", "", md]
-    lines += ["Across-seed spread is the sample std (0 with one seed); the per-run 95% CIs "
-              "below are case bootstraps of one run.", "", "## Runs", "",
-              "| init | fraction | seed | labelled cases | top-1 [95% CI] | AUC [95% CI] |",
-              "|---|---|---|---|---|---|"]
-    for r in sweep["rows"]:
-        ci = r["ci95"]
-
-        def cell(m):
-            lo, hi = (ci.get(m) or [None, None])
-            return f"{_fmt(r[m])} [{_fmt(lo)}, {_fmt(hi)}]"
-        lines.append(f"| {r['init']} | {r['label_fraction']:g} | {r['seed']} | "
-                     f"{r['num_labelled_cases']} | {cell('top1')} | {cell('auc_macro')} |")
-    lines += ["", f"![label efficiency]({sweep['plot']})", ""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))

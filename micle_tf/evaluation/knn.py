@@ -16,17 +16,10 @@ from typing import Any, Dict
 
 import numpy as np
 
+from micle_tf.evaluation import retrieval
+from micle_tf.evaluation.retrieval import _l2_normalize
+
 _CHUNK = 1024
-
-
-def _l2_normalize(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be [N, D], got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("embeddings contain NaN or inf")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def _top_k(sim: np.ndarray, k: int) -> np.ndarray:
@@ -133,8 +126,6 @@ def same_case_retrieval(embeddings, case_ids, k: int = 1, pixel_hashes=None) -> 
     that excludes single-image cases, adds mAP, chance levels and case-bootstrap CIs, use
     ``retrieval.same_case_retrieval_report``.
     """
-    from micle_tf.evaluation import retrieval
-
     s = retrieval.retrieval_scores(embeddings, case_ids, pixel_hashes=pixel_hashes, k=k)
     n = s["num_images"]
     chance = float(np.sum(s["num_relevant"] / s["num_candidates"]) / n)

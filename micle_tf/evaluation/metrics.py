@@ -561,7 +561,3 @@ def paired_bootstrap_difference(labels, probs_a, probs_b, groups, task: str,
         "n_boot": int(n_boot),
         "n_skipped": int(np.isnan(d).sum()),
     }
-
-
-# Name used in the design notes.
-difference_ci = paired_bootstrap_difference

@@ -62,11 +62,22 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from micle_tf.evaluation.knn import _l2_normalize
 from micle_tf.evaluation.metrics import _first_appearance_unique, _percentile_ci
 
 __all__ = ["retrieval_scores", "summarize", "same_case_retrieval_report",
            "paired_retrieval_difference", "expected_random_ap", "check_no_duplicates"]
+
+
+def _l2_normalize(x) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product); [N, D], finite."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("embeddings contain NaN or inf")
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
 
 # Queries per similarity chunk are chosen so that a [chunk, N] block stays around this many
 # entries (the sort indices, similarities and relevance masks of a chunk: ~30 bytes per entry).

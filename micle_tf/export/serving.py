@@ -1,6 +1,6 @@
 """SavedModel export of a fine-tuned classifier, for TF Serving or `tf.saved_model.load`.
 
-Signatures (see DESIGN.md, "Serving contract"):
+Signatures (the serving contract, README "micle-export"):
 
 - `serving_default(image_bytes: tf.string [None])` -> `probabilities` float32 [None, C],
   `embedding` float32 [None, D]. Each item is PNG, JPEG, BMP or GIF bytes, decoded and resized
@@ -30,6 +30,7 @@ import tempfile
 import tensorflow as tf
 
 from data_pipelines.decode import decode_image, resize_image
+from micle_tf import rundir
 
 EXPORT_INFO_FILE = "micle_export.json"
 LABEL_NAMES_FILE = "label_names.txt"
@@ -179,26 +180,6 @@ def build_serving_module(model, label_names, image_size, task):
     return ServingModule(model, label_names, image_size, task)
 
 
-def load_classifier(model_dir, which="best"):
-    """The fine-tuned ClassifierModel of `model_dir` (see `training.finetune.load_classifier`),
-    rebuilt in float32 whatever precision training used, so serving is float32.
-    Returns (model, cfg, dataset_info, which_restored, checkpoint_step)."""
-    import keras
-
-    from micle_tf.training import finetune
-
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        model, cfg, dataset = finetune.load_classifier(model_dir, which)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-    prefix = model.checkpoint_path
-    restored = "best" if os.path.basename(os.path.dirname(prefix)) == "best" else "latest"
-    step = prefix.rsplit("-", 1)[-1]
-    return model, cfg, dataset, restored, int(step) if step.isdigit() else None
-
-
 def _is_remote(path):
     return "://" in path
 
@@ -209,15 +190,13 @@ def export_saved_model(model_dir, export_dir, which="best", overwrite=False):
     Written to `export_dir + ".tmp-<pid>"` and renamed into place, so `export_dir` is either
     absent or complete (local filesystems; remote paths are written in place). Refuses a
     non-empty `export_dir` unless `overwrite`. Returns a summary dict."""
-    import keras
-
-    import micle_tf
-
     export_dir = export_dir.rstrip("/") or export_dir
     if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir) and not overwrite:
         raise FileExistsError(f"{export_dir} exists and is not empty (use overwrite=True / "
                               "--overwrite)")
-    model, cfg, dataset, restored, step = load_classifier(model_dir, which)
+    # rebuilt in float32 whatever precision training used, so serving is float32
+    model, cfg, dataset = rundir.load_classifier(model_dir, which, dtype_policy="float32")
+    restored, step = rundir.checkpoint_origin(model.checkpoint_path)
     label_names = [str(n) for n in dataset["label_names"]]
     task = dataset["task"]
     image_size = cfg.model.image_size
@@ -250,8 +229,7 @@ def export_saved_model(model_dir, export_dir, which="best", overwrite=False):
             "backbone", "width_multiplier", "sk_ratio", "image_size", "proj_out_dim",
             "num_proj_layers")},
         "ft_proj_selector": cfg.ft_proj_selector,
-        "versions": {"micle_tf": micle_tf.__version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__},
+        "versions": rundir.versions(),
     }
 
     remote = _is_remote(export_dir)

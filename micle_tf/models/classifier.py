@@ -13,9 +13,10 @@
 import keras
 import tensorflow as tf
 
+from data_pipelines.schema import TASKS
 from micle_tf.models.heads import select_hidden
 
-UNCERTAINTY_POLICIES = ("ignore", "ones", "zeros")
+UNCERTAINTY_POLICIES = ("ignore", "ones", "zeros")  # --uncertainty_policy
 
 
 def classification_targets(labels, task, uncertainty_policy="ignore"):
@@ -66,8 +67,8 @@ class ClassifierModel(keras.Model):
                  ft_proj_selector=0, uncertainty_policy="ignore", label_smoothing=0.0,
                  **kwargs):
         super().__init__(**kwargs)
-        if task not in ("multiclass", "multilabel"):
-            raise ValueError(f"unknown task {task!r}")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         if ft_proj_selector and projection_head is None:
             raise ValueError("ft_proj_selector > 0 needs the projection head")
         self.encoder = encoder
@@ -143,17 +144,15 @@ class ClassifierModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "encoder": keras.saving.serialize_keras_object(self.encoder),
-            "projection_head": (keras.saving.serialize_keras_object(self.projection_head)
-                                if self.projection_head is not None else None),
-            "num_classes": self.num_classes,
-            "task": self.task,
-            "ft_proj_selector": self.ft_proj_selector,
-            "uncertainty_policy": self.uncertainty_policy,
-            "label_smoothing": self.label_smoothing,
-        }
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            projection_head=(keras.saving.serialize_keras_object(self.projection_head)
+                             if self.projection_head is not None else None),
+            num_classes=self.num_classes, task=self.task,
+            ft_proj_selector=self.ft_proj_selector, uncertainty_policy=self.uncertainty_policy,
+            label_smoothing=self.label_smoothing)
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -22,6 +22,8 @@ import tensorflow as tf
 from micle_tf import augment
 from micle_tf.losses import alignment_uniformity, nt_xent_loss
 
+METHODS = ("simclr", "micle")  # where the positive pair comes from (--method)
+
 
 def _probe_loss_and_accuracy(logits, labels, task):
     """Masked probe loss over labelled entries (multiclass label -1 / multilabel codes other
@@ -66,8 +68,8 @@ class ContrastiveModel(keras.Model):
                  num_classes=0, task="multiclass", device_augment=None, image_size=None,
                  color_jitter_strength=None, **kwargs):
         super().__init__(**kwargs)
-        if method not in ("simclr", "micle"):
-            raise ValueError(f"unknown pretraining method {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"unknown pretraining method {method!r}; expected one of {METHODS}")
         self.encoder = encoder
         self.projection_head = projection_head
         self.temperature = float(temperature)
@@ -192,18 +194,14 @@ class ContrastiveModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "encoder": keras.saving.serialize_keras_object(self.encoder),
-            "projection_head": keras.saving.serialize_keras_object(self.projection_head),
-            "temperature": self.temperature,
-            "method": self.method,
-            "num_classes": self.num_classes,
-            "task": self.task,
-            "device_augment": self.device_augment,
-            "image_size": self.image_size,
-            "color_jitter_strength": self.color_jitter_strength,
-        }
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            projection_head=keras.saving.serialize_keras_object(self.projection_head),
+            temperature=self.temperature, method=self.method, num_classes=self.num_classes,
+            task=self.task, device_augment=self.device_augment, image_size=self.image_size,
+            color_jitter_strength=self.color_jitter_strength)
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from micle_tf.models.resnet import (BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, BatchNormRelu,
-                                    TFCheckpointListsMixin)
+from micle_tf.models.keras_compat import TFCheckpointListsMixin
+from micle_tf.models.resnet import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, BatchNormRelu
 
 _PACKAGE = "micle_tf"
 

@@ -50,8 +50,8 @@ attribute names: ``Conv2dFixedPadding.conv2d`` (a ``keras.layers.Conv2D``: ``ker
 batch_norm_relu, conv2d_0, batch_norm_relu_1, conv2d_1}``.  Variable shapes are the same
 as simclr's (channels-last).
 
-``tf.train.Checkpoint(model=r)`` (see ``TFCheckpointListsMixin``) saves the same
-structure under ``model/stem_layers/{n}/...``, ``model/block_groups/{g}/blocks/{b}/
+``tf.train.Checkpoint(model=r)`` (see ``micle_tf.models.keras_compat.TFCheckpointListsMixin``)
+saves the same structure under ``model/stem_layers/{n}/...``, ``model/block_groups/{g}/blocks/{b}/
 {shortcut_layers,conv_layers}/{n}/...`` (Keras 3 names conv/dense kernels ``_kernel``).
 
 Note: freezing is done with per-layer ``trainable`` flags set at construction; setting
@@ -62,6 +62,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from micle_tf.models.keras_compat import TFCheckpointListsMixin
 
 _PACKAGE = "micle_tf"
 
@@ -76,40 +78,6 @@ MODEL_PARAMS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
-
-
-class TFCheckpointListsMixin:
-    """Exposes list-valued sub-layer attributes to ``tf.train.Checkpoint``.
-
-    Keras 3 keeps layers held in Python lists in its own ``TrackedList``, which the
-    TensorFlow object graph does not see: without this mixin ``tf.train.Checkpoint(
-    model=resnet)`` would save *no* variables.  Listed attributes are exposed as TF
-    ``ListWrapper`` children, giving simclr-like object paths such as
-    ``model/block_groups/1/blocks/0/conv_layers/0/conv2d/_kernel``.  Keras'
-    ``.weights.h5`` / ``.keras`` saving is unaffected.
-    """
-
-    _tf_checkpoint_lists = ()
-
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        children = super()._trackable_children(save_type, **kwargs)
-        if save_type == "checkpoint":
-            wrappers = self.__dict__.get("_tf_list_wrappers")
-            if wrappers is None:
-                wrappers = {}
-                object.__setattr__(self, "_tf_list_wrappers", wrappers)
-            for attr in self._tf_checkpoint_lists:
-                value = getattr(self, attr, None)
-                if value is None or attr in children:
-                    continue
-                key = tuple(id(v) for v in value)
-                cached = wrappers.get(attr)
-                if cached is None or cached[0] != key:
-                    # A plain list becomes a TF ListWrapper (children "0", "1", ...).
-                    cached = (key, tf.__internal__.tracking.wrap(list(value)))
-                    wrappers[attr] = cached
-                children[attr] = cached[1]
-        return children
 
 
 def _conv_initializer():
@@ -613,11 +581,7 @@ class ResNet(TFCheckpointListsMixin, keras.Model):
         return self
 
     def get_config(self):
-        config = {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
-        }
+        config = super().get_config()
         config.update(depth=self.depth, width_multiplier=self.width_multiplier,
                       sk_ratio=self.sk_ratio, small_image_stem=self.small_image_stem,
                       bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
@@ -625,24 +589,26 @@ class ResNet(TFCheckpointListsMixin, keras.Model):
                       fine_tune_after_block=self.fine_tune_after_block)
         return config
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        if "dtype" in config and isinstance(config["dtype"], dict):
-            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
-        return cls(**config)
+
+SMALL_IMAGE_STEM_MAX_SIZE = 64
+
+
+def uses_small_image_stem(image_size):
+    """The one rule for the stem: images of at most ``SMALL_IMAGE_STEM_MAX_SIZE`` (64) px get
+    the small-image (CIFAR) stem; larger ones (and an unknown size) the standard stem."""
+    return image_size is not None and int(image_size) <= SMALL_IMAGE_STEM_MAX_SIZE
 
 
 def build_resnet(depth, width_multiplier=1, sk_ratio=0.0, image_size=None,
                  small_image_stem=None, **kwargs):
     """Convenience constructor.
 
-    ``small_image_stem`` defaults to ``image_size is not None and image_size <= 64``.
+    ``small_image_stem`` defaults to ``uses_small_image_stem(image_size)`` (<= 64 px).
     The model is returned unbuilt; call ``model.build_for(image_size)`` (or call it on
     a batch / ``keras.Input``) inside the strategy scope to create all variables.
     """
     if small_image_stem is None:
-        small_image_stem = image_size is not None and image_size <= 64
+        small_image_stem = uses_small_image_stem(image_size)
     model = ResNet(depth=depth, width_multiplier=width_multiplier, sk_ratio=sk_ratio,
                    small_image_stem=small_image_stem, **kwargs)
     return model

@@ -1,4 +1,4 @@
-"""Import (and write) google-research/simclr TF2 checkpoints.
+"""Import google-research/simclr TF2 checkpoints.
 
 The released SimCLR / SimCLRv2 TF2 checkpoints (which users download themselves from that
 project's storage; nothing here downloads) are object-based checkpoints whose variable keys
@@ -18,8 +18,8 @@ unused and shape mismatches, with shapes, plus what the checkpoint looks like.
 The supervised (linear-eval) head ``model/supervised_head``, ``global_step``, the optimizer and
 its slots are ignored.
 
-`write_simclr_checkpoint` writes our weights in the same layout (tests use it to create a
-checkpoint "as upstream writes it"; it also lets our encoders be read by simclr's own code).
+`simclr_variable_map` / `simclr_layout` give that layout for one of our models (the tests write
+checkpoints "as upstream writes them" from it: tests/helpers.py `write_simclr_checkpoint`).
 """
 import collections
 import os
@@ -120,8 +120,9 @@ def simclr_variable_map(encoder, projection_head=None):
 
 
 def simclr_layout(encoder, projection_head=None):
-    """{full checkpoint key: shape list} that `write_simclr_checkpoint` writes for this model
-    (without `global_step`): what `tf.train.list_variables` lists, minus the object graph."""
+    """{full checkpoint key: shape list} of this model in simclr's layout (without
+    `global_step`): what `tf.train.list_variables` lists for an upstream checkpoint of the same
+    architecture, minus the object graph."""
     return {k + VALUE_SUFFIX: [int(d) for d in v.shape]
             for k, v in simclr_variable_map(encoder, projection_head).items()}
 
@@ -282,53 +283,3 @@ def load_simclr_encoder(encoder, path, projection_head=None):
     logging.info("loaded %d variables (%d parameters) from simclr checkpoint %s",
                  summary["assigned"], num_params, prefix)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------
-
-def _tree(mapping):
-    """Nested AutoTrackable objects whose object paths are the keys of `mapping`."""
-    root = tf.__internal__.tracking.AutoTrackable()
-    nodes = {(): root}
-    for key, var in mapping.items():
-        parts = key.split("/")
-        parent = root
-        for depth in range(1, len(parts)):
-            path = tuple(parts[:depth])
-            node = nodes.get(path)
-            if node is None:
-                node = tf.__internal__.tracking.AutoTrackable()
-                setattr(parent, parts[depth - 1], node)
-                nodes[path] = node
-            parent = node
-        setattr(parent, parts[-1], var)
-    return root
-
-
-def write_simclr_checkpoint(encoder, path, projection_head=None, global_step=0, extra=None):
-    """Writes our weights as a google-research/simclr TF2 checkpoint at prefix `path`
-    (e.g. `/tmp/r50/ckpt-0`), plus a `checkpoint` state file in its folder so the folder
-    itself can be passed to `load_simclr_encoder`. `extra` ({key without suffix: array})
-    adds further variables (e.g. a `model/supervised_head/...` the loader must ignore).
-    Returns the prefix."""
-    mapping = collections.OrderedDict(simclr_variable_map(encoder, projection_head))
-    for key, value in (extra or {}).items():
-        if key in mapping:
-            raise ValueError(f"extra key {key} collides with a model variable")
-        mapping[key] = tf.Variable(value)
-    root = _tree(mapping)
-    ckpt = tf.train.Checkpoint(model=root.model,
-                               global_step=tf.Variable(int(global_step), dtype=tf.int64))
-    for name in sorted(k for k in vars(root) if not k.startswith("_") and k != "model"):
-        setattr(ckpt, name, getattr(root, name))  # other top-level names from `extra`
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    tf.io.gfile.makedirs(folder)
-    prefix = ckpt.write(path)
-    # The `checkpoint` state file (text proto) that tf.train.latest_checkpoint reads.
-    name = os.path.basename(prefix)
-    with tf.io.gfile.GFile(os.path.join(folder, "checkpoint"), "w") as f:
-        f.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
-    return prefix

@@ -1,10 +1,12 @@
-"""Keras callbacks shared by pretraining and fine-tuning."""
+"""Keras callbacks shared by pretraining and fine-tuning (the fit loop is `runner`'s)."""
 import math
 
 import keras
-import numpy as np
-import tensorflow as tf
 from absl import logging
+
+from micle_tf.evaluation import knn, retrieval
+from micle_tf.inference import embed
+from micle_tf.losses import chance_contrastive_accuracy
 
 
 def current_learning_rate(optimizer):
@@ -58,22 +60,6 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.saved.append(path)
 
 
-def embed(encoder, dataset, max_batches=None):
-    """Encoder features (no augmentation, inference BN) of a supervised-mode dataset.
-    Returns (embeddings [N, D] float32, labels, case_ids)."""
-    fn = tf.function(lambda x: tf.cast(encoder(x, training=False), tf.float32))
-    feats, labels, cases = [], [], []
-    for i, batch in enumerate(dataset):
-        if max_batches is not None and i >= max_batches:
-            break
-        feats.append(fn(batch["image"]).numpy())
-        labels.append(batch["label"].numpy())
-        cases.append(batch["case_id"].numpy())
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32), np.zeros((0,), object)
-    return np.concatenate(feats), np.concatenate(labels), np.concatenate(cases)
-
-
 class KnnMonitor(keras.callbacks.Callback):
     """Representation quality without training a classifier, every `every` epochs:
     - `knn_accuracy`: cosine kNN of eval-split images against labelled train images;
@@ -93,7 +79,6 @@ class KnnMonitor(keras.callbacks.Callback):
 
     def measure(self, details=None):
         """The logged values; `details`, a dict, also receives the retrieval chance levels."""
-        from micle_tf.evaluation import knn, retrieval
         encoder = self.model.encoder
         q_emb, q_labels, q_cases = embed(encoder, self.make_eval_ds(), self.max_batches)
         out = {}
@@ -159,7 +144,6 @@ class LearningHealthMonitor(keras.callbacks.Callback):
     def _chance(self, logs):
         chance = logs.get("chance_contrastive_accuracy")
         if chance is None and self.global_batch:
-            from micle_tf.losses import chance_contrastive_accuracy
             chance = chance_contrastive_accuracy(self.global_batch)
         return None if chance is None else float(chance)
 
@@ -181,35 +165,3 @@ class LearningHealthMonitor(keras.callbacks.Callback):
             self.warning = not_learning_message(acc, chance, step, self.warmup_steps,
                                                 self.factor)
             logging.warning("%s", self.warning)
-
-
-def fit_segments(model, make_data, segments, callbacks, guard, last_checkpoint, verbose=1,
-                 should_stop=lambda: False, shard_check=None):
-    """Runs `model.fit` once per schedule segment [(first_epoch, num_epochs, steps)] (see
-    `pretrain._segments`), each on `make_data(first_epoch)`. Returns the merged history.
-
-    A non-finite loss (seen by `guard`) ends training with FloatingPointError naming the step
-    and the last good checkpoint (`last_checkpoint()`). A truncated shard makes TF raise
-    DataLossError naming a byte offset only: `shard_check()` (e.g. reader.verify_shards) is
-    then called to name the file."""
-    history = {}
-    for first_epoch, num_epochs, steps in segments:
-        if guard.triggered or should_stop() or steps <= 0:
-            break
-        try:
-            h = model.fit(make_data(first_epoch), initial_epoch=first_epoch,
-                          epochs=first_epoch + num_epochs, steps_per_epoch=steps,
-                          callbacks=callbacks, verbose=verbose,
-                          shuffle=False)  # the reader shuffles (seeded, per epoch)
-        except tf.errors.DataLossError:
-            if shard_check is not None:
-                shard_check()
-            raise
-        for k, v in h.history.items():
-            history.setdefault(k, []).extend(float(x) for x in v)
-    if guard.triggered:
-        raise FloatingPointError(
-            f"non-finite loss at step {guard.step}; training stopped. The last good checkpoint "
-            f"is {last_checkpoint() or 'none (no checkpoint was saved before the failure)'}. "
-            "Lower the learning rate or check the input data.")
-    return history

@@ -1,10 +1,11 @@
-"""Checkpoints: atomic saves, exact resume, and encoder-only initialisation.
+"""Checkpoints a run writes: atomic saves, exact resume, and the best-epoch store.
 
 `tf.train.CheckpointManager` writes a checkpoint's files first and only then rewrites the
 `checkpoint` index file (itself written to a temporary name and renamed), so the latest
 checkpoint it points to is always complete: a run killed mid-save resumes from the previous one.
-Checkpoints hold the whole model and the optimizer (slots and iteration count), so a restored
-run continues at the saved step with the same learning rate and momentum.
+Resume checkpoints hold the whole model and the optimizer (slots and iteration count), so a
+restored run continues at the saved step with the same learning rate and momentum.
+Reading checkpoints back (lookup, encoder weights, classifiers) is `micle_tf.rundir`'s job.
 """
 import os
 import tempfile
@@ -12,20 +13,25 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-CHECKPOINT_SUBDIR = "checkpoints"
+from micle_tf import rundir
 
 
 class CheckpointState:
-    """Model + optimizer checkpoints under `{model_dir}/checkpoints`.
+    """Checkpoints of `model` (+ `optimizer` when given) under `{model_dir}/{subdir}`.
 
     Under MultiWorkerMirroredStrategy every worker must take part in a save (it is a collective);
-    only the chief writes into model_dir, the others write to a temporary folder they delete."""
+    only the chief writes into model_dir, the others write to a temporary folder they empty
+    after each save."""
 
-    def __init__(self, model_dir, model, optimizer, max_to_keep=3, chief=True):
-        self.directory = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    def __init__(self, model_dir, model, optimizer=None, max_to_keep=3, chief=True,
+                 subdir=rundir.CHECKPOINT_SUBDIR):
+        self.directory = os.path.join(model_dir, subdir)
         self.chief = chief
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-        directory = self.directory if chief else tempfile.mkdtemp(prefix="micle-worker-ckpt-")
+        parts = {"model": model} if optimizer is None else {"model": model,
+                                                            "optimizer": optimizer}
+        self.checkpoint = tf.train.Checkpoint(**parts)
+        directory = (self.directory if chief
+                     else tempfile.mkdtemp(prefix=f"micle-worker-{subdir}-"))
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
                                                   max_to_keep=max_to_keep)
         self._worker_dir = None if chief else directory
@@ -39,12 +45,13 @@ class CheckpointState:
         path = self.latest
         if path is None:
             return None
-        status = self.checkpoint.restore(path)
-        status.assert_existing_objects_matched()
+        rundir.restore(self.checkpoint, path, "does not match this run's model and optimizer "
+                       "(was this model_dir written with other settings?)", partial=False)
         logging.info("restored %s", path)
         return path
 
     def save(self, step):
+        """Saves at `step`; returns the path on the chief, None on other workers."""
         path = self.manager.save(checkpoint_number=int(step))
         if not self.chief:
             tf.io.gfile.rmtree(self._worker_dir)
@@ -52,43 +59,27 @@ class CheckpointState:
         return path if self.chief else None
 
 
-def resolve_checkpoint(path):
-    """A model_dir, a checkpoints folder or a checkpoint prefix -> a checkpoint prefix."""
-    if tf.io.gfile.isdir(path):
-        for folder in (os.path.join(path, CHECKPOINT_SUBDIR), path):
-            latest = tf.train.latest_checkpoint(folder)
-            if latest:
-                return latest
-        raise FileNotFoundError(f"no checkpoint found in {path}")
-    if tf.io.gfile.exists(path + ".index"):
+class BestCheckpoint(CheckpointState):
+    """`{model_dir}/best/`: the model (no optimizer) at its best epoch, one kept, and
+    best_state.json beside it (the selection metric, its value, early-stopping bookkeeping;
+    see finetune.ValidationCallback)."""
+
+    def __init__(self, model_dir, model, chief=True):
+        super().__init__(model_dir, model, max_to_keep=1, chief=chief, subdir=rundir.BEST_SUBDIR)
+        self.state_path = os.path.join(self.directory, rundir.BEST_STATE_FILE)
+
+    def load_state(self):
+        return rundir.read_json(self.state_path) or {}
+
+    def save(self, step, state):
+        """Saves the model at `step` and `state` (with the checkpoint's path) beside it."""
+        path = super().save(step)
+        if path:
+            state["checkpoint"] = path
+            self.write_state(state)
         return path
-    raise FileNotFoundError(f"checkpoint {path} not found")
 
-
-def load_encoder_weights(encoder, path, projection_head=None):
-    """Initialises `encoder` (and optionally `projection_head`), weights only, from a micle-tf
-    checkpoint: a pretraining or fine-tuning model_dir, or a checkpoint prefix. Optimizer state
-    and other heads are ignored. `imagenet_simclr:PATH` reads a google-research/simclr TF2
-    checkpoint instead."""
-    if path.startswith("imagenet_simclr:"):
-        from micle_tf.models import simclr_import
-        summary = simclr_import.load_simclr_encoder(encoder, path.split(":", 1)[1],
-                                                    projection_head=projection_head)
-        logging.info("encoder initialised from SimCLR checkpoint %s (%d variables)",
-                     summary["checkpoint"], summary["assigned"])
-        return summary["checkpoint"]
-    prefix = resolve_checkpoint(path)
-    parts = {"encoder": encoder}
-    if projection_head is not None:
-        parts["projection_head"] = projection_head
-    holder = tf.train.Checkpoint(model=tf.train.Checkpoint(**parts))
-    status = holder.restore(prefix)
-    status.expect_partial()
-    # every encoder variable must have been found in the checkpoint
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(f"{prefix} does not hold weights for this encoder "
-                         f"(different backbone or width?): {str(e)[:500]}") from None
-    logging.info("encoder initialised from %s", prefix)
-    return prefix
+    def write_state(self, state):
+        if self.chief:
+            os.makedirs(self.directory, exist_ok=True)
+            rundir.write_json(self.state_path, state)

@@ -5,7 +5,10 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from micle_tf.models import keras_compat as compat
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("bfloat16", "float16")  # --mixed_precision values (None: float32)
 
 
 def create_strategy(name="default", tpu=None, tpu_resolver=None):
@@ -60,7 +63,8 @@ def set_mixed_precision(policy):
     elif policy in ("float16", "mixed_float16"):
         keras.mixed_precision.set_global_policy("mixed_float16")
     else:
-        raise ValueError(f"unknown mixed precision policy {policy!r} (bfloat16, float16)")
+        raise ValueError(f"unknown mixed precision policy {policy!r}; expected one of "
+                         f"{MIXED_PRECISION}")
 
 
 def prepare_keras_fit(model, strategy):
@@ -75,11 +79,14 @@ def prepare_keras_fit(model, strategy):
        `strategy.reduce("MEAN", v, axis=0)`, which fails for scalar logs ("Invalid reduction
        dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388). The logs are
        returned as [1] vectors there, which that reduction turns back into cross-worker means.
+
+    Both rely on private Keras/TF attributes, checked in `micle_tf.models.keras_compat` (a
+    missing one raises `KerasCompatError` instead of silently doing nothing).
     """
     if getattr(model, "built", False) and getattr(model.optimizer, "built", False):
-        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+        compat.skip_symbolic_build(model)
     if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):
+            and compat.in_multi_worker_mode(strategy)):
         step = model.train_step
 
         def train_step(data):

@@ -40,13 +40,13 @@ import tensorflow as tf
 from data_pipelines import reader, schema, writer
 from data_pipelines.sources import folder
 from tests.data_pipelines.images import coded_rgb, encode
-from tests.data_pipelines.test_sources import _write_folder_fixture
+from tests.helpers import build_records, write_folder_fixture
 
 
 @pytest.fixture(scope="module")
 def folder_conversion(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
-    source = folder.build(str(_write_folder_fixture(root)), label_names=["benign", "malignant"])
+    source = folder.build(str(write_folder_fixture(root)), label_names=["benign", "malignant"])
     info = writer.write_dataset(source, str(root / "out"), b"salt", seed=0,
                                 fractions=(("train", 1.0),))
     return info, {r["item"]: r for r in info["rejected"]}
@@ -250,7 +250,6 @@ def test_writer_shard_sizes_catch_a_damaged_shard_before_reading(tmp_path, damag
     """The writer records each shard's size; building a dataset (or a case index) stats the
     shards and names a damaged one before anything is read -- including the header cut that
     TF itself would read as a clean end of file, losing a case silently."""
-    from tests.data_pipelines.test_reader import build_records
     build_records(tmp_path, [1, 2, 3, 4, 2, 1, 3, 2], labels=[0, 1] * 4, num_shards=2)
     data_dir = str(tmp_path)
     files = reader.list_shards(data_dir, "train")

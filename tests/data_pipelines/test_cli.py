@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.data_pipelines.test_sources import _write_folder_fixture
+from tests.helpers import write_folder_fixture
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -29,7 +29,7 @@ def test_cli_ph2_end_to_end(tmp_path):
 
 
 def test_cli_folder_with_rejections_and_fixed_salt(tmp_path):
-    csv_path = _write_folder_fixture(tmp_path)
+    csv_path = write_folder_fixture(tmp_path)
     ids = []
     for run in ("a", "b"):
         out = tmp_path / run

@@ -4,26 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import reader, writer
-from tests.data_pipelines.images import coded_rgb, encode
-
-SALT = b"reader-test"
-
-
-def build_records(out_dir, bag_sizes, labels=None, num_shards=None, fractions=None):
-    """Writes cases whose image i of case c has red value 10*c + i, all in split 'train'."""
-    cases = []
-    for c, n in enumerate(bag_sizes):
-        imgs = [writer.SourceImage(item=f"c{c}i{i}",
-                                   load=(lambda v=10 * c + i: encode(coded_rgb(v), "PNG")))
-                for i in range(n)]
-        cases.append(writer.SourceCase(key=f"case{c}", images=imgs,
-                                       label=None if labels is None else labels[c]))
-    src = writer.SourceData(name="test", task="multiclass", label_names=["a", "b"], cases=cases,
-                            items_read=sum(bag_sizes))
-    writer.write_dataset(src, str(out_dir), SALT, fractions=fractions or (("train", 1.0),),
-                         num_shards=num_shards, overwrite=True)
-    return {writer.hash_case_id(f"case{c}", SALT): c for c in range(len(bag_sizes))}
+from data_pipelines import reader
+from tests.helpers import build_records
 
 
 def codes(views):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import reader, splits, writer
-from data_pipelines.sources import folder, get_source, ph2
+from data_pipelines.sources import SOURCES, folder, get_source, ph2
 from tests.data_pipelines.images import coded_rgb, encode
+from tests.helpers import write_folder_fixture
 
 
 def test_ph2_records(ph2_records):
@@ -60,52 +61,8 @@ def test_ph2_missing_patch_is_rejected_by_name(tmp_path):
     assert "patch0a.bmp" in reasons["patch0b.bmp"]  # its partner, found by content
 
 
-def _write_folder_fixture(root):
-    img = root / "img"
-    img.mkdir()
-    rng = np.random.default_rng(0)
-    big = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    files = {
-        "ok_png.png": encode(coded_rgb(10), "PNG"),
-        "ok_jpg.jpg": encode(coded_rgb(20, 16), "JPEG"),
-        "ok_bmp.bmp": encode(coded_rgb(30), "BMP"),
-        "ok_gray16.png": encode(np.full((8, 8), 30000, np.uint16), "PNG"),
-        "ok_rgba.png": encode(np.dstack([coded_rgb(40), np.full((8, 8), 128, np.uint8)]), "PNG"),
-        "ok_gray.jpg": encode(np.full((16, 16), 90, np.uint8), "JPEG"),
-        "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20,
-        "zero.png": b"",
-        "truncated.jpg": encode(big, "JPEG")[:600],
-        "conflict1.png": encode(coded_rgb(50), "PNG"),
-        "conflict2.png": encode(coded_rgb(60), "PNG"),
-    }
-    for name, data in files.items():
-        (img / name).write_bytes(data)
-    rows = [  # (case_id, image_path, label)
-        ("p1", "img/ok_png.png", "benign"),        # 2
-        ("p1", "img/ok_jpg.jpg", "benign"),        # 3
-        ("p1", "img/corrupt.png", "benign"),       # 4 corrupt bytes
-        ("p2", "img/ok_bmp.bmp", "malignant"),     # 5
-        ("p2", "img/zero.png", "malignant"),       # 6 zero-byte
-        ("p2", str(img / "ok_gray16.png"), "malignant"),  # 7 absolute path
-        ("p3", "img/missing.png", "benign"),       # 8 missing file
-        ("p3", "img/ok_rgba.png", "benign"),       # 9
-        ("p3", "img/truncated.jpg", "benign"),     # 10 truncated
-        ("p4", "img/ok_gray.jpg", "unknown-dx"),   # 11 unknown label -> p4 empty
-        ("p5", "", "benign"),                      # 12 empty case (no image)
-        ("p6", "img/conflict1.png", "benign"),     # 13 conflicting labels
-        ("p6", "img/conflict2.png", "malignant"),  # 14
-        ("p1", "img/ok_png.png", "benign"),        # 15 duplicate image in a case
-        ("p7", "img/ok_gray.jpg", ""),             # 16 unlabelled case
-    ]
-    with open(root / "cases.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case_id", "image_path", "label"])
-        w.writerows(rows)
-    return root / "cases.csv"
-
-
 def test_folder_source_rejects_each_bad_item_by_name(tmp_path):
-    csv_path = _write_folder_fixture(tmp_path)
+    csv_path = write_folder_fixture(tmp_path)
     source = folder.build(str(csv_path), label_names=["benign", "malignant"])
     info = writer.write_dataset(source, str(tmp_path / "out"), b"salt", seed=0,
                                 fractions=(("train", 1.0),))
@@ -135,7 +92,7 @@ def test_folder_source_rejects_each_bad_item_by_name(tmp_path):
 
 
 def test_folder_images_decode_to_expected_pixels(tmp_path):
-    csv_path = _write_folder_fixture(tmp_path)
+    csv_path = write_folder_fixture(tmp_path)
     source = folder.build(str(csv_path), label_names=["benign", "malignant"])
     writer.write_dataset(source, str(tmp_path / "out"), b"salt", fractions=(("train", 1.0),))
     ds = reader.make_dataset(str(tmp_path / "out"), "train", "supervised", 16, 8, training=False)
@@ -175,12 +132,14 @@ def test_salted_ids_stable_and_salt_file(tmp_path):
 
 
 def test_writer_refuses_to_mix_with_existing_records(tmp_path, ph2_records):
-    src = folder.build(str(_write_folder_fixture(tmp_path)))
+    src = folder.build(str(write_folder_fixture(tmp_path)))
     writer.write_dataset(src, str(tmp_path / "o"), b"s", fractions=(("train", 1.0),))
     with pytest.raises(FileExistsError, match="overwrite"):
         writer.write_dataset(src, str(tmp_path / "o"), b"s", fractions=(("train", 1.0),))
 
 
-def test_unknown_and_unimplemented_sources():
+def test_every_source_is_implemented_and_unknown_ones_are_refused():
+    for name in SOURCES:
+        assert callable(get_source(name).build), name
     with pytest.raises(ValueError, match="unknown source"):
         get_source("imagenet")

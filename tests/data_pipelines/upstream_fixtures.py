@@ -87,7 +87,15 @@ def write_ham10000(root):
         ("HAM_0004234", "ISIC_0029396", "akiec", "1", "ok"),     # 13 conflicting dx
         ("HAM_0004234", "ISIC_0025984", "bcc", "1", "ok"),       # 14
     ]
-    for lesion, image, dx, folder, what in spec:
+    # case attributes per CSV line (age, sex, localization, dx_type); the lesion takes its first
+    # kept row's: line 3's 52.0 does not change HAM_0000118's band
+    attrs = {2: ("47.0", "female", "lower extremity", "histo"),
+             3: ("52.0", "female", "lower extremity", "histo"),
+             5: ("5.0", "unknown", "acral", "consensus"),
+             7: ("", "male", "unknown", "confocal"),
+             9: ("65.0", "MALE", "Upper Extremity", "follow_up"),
+             11: ("90.0", "female", "nowhere in particular", "biopsy?")}
+    for line, (lesion, image, dx, folder, what) in enumerate(spec, start=2):
         path = os.path.join(root, folders[folder], f"{image}.jpg")
         if what == "ok":
             with open(path, "wb") as f:
@@ -96,7 +104,8 @@ def write_ham10000(root):
             with open(path, "wb") as f:
                 f.write(CORRUPT_JPEG)
         k += 10
-        rows.append((lesion, image, dx, "histo", "60.0", "male", "lower extremity"))
+        age, sex, site, dx_type = attrs.get(line, ("60.0", "male", "lower extremity", "histo"))
+        rows.append((lesion, image, dx, dx_type, age, sex, site))
     csv_path = _write_csv(os.path.join(root, "HAM10000_metadata.csv"),
                           ["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
                            "localization"], rows)
@@ -108,6 +117,23 @@ def write_ham10000(root):
         "reasons": {8: "unknown label 'melanoma?'", 9: "missing file", 11: "cannot decode",
                     13: "conflicting labels", 14: "conflicting labels"},
         "secrets": [b"HAM_0000118", b"ISIC_0027419", b"lower extremity", root.encode()],
+        # case -> its case/attr/* tokens
+        "attributes": {
+            "HAM_0000118": {"sex": "female", "age_band": "40-49", "site": "lower_extremity",
+                            "dx_type": "histo"},
+            "HAM_0002730": {"sex": "unknown", "age_band": "0-9", "site": "acral",
+                            "dx_type": "consensus"},
+            "HAM_0001466": {"sex": "male", "age_band": "unknown", "site": "unknown",
+                            "dx_type": "confocal"},
+            # the first row's values although its image is missing (line 9) or corrupt
+            # (line 11): they describe the lesion, not the image
+            "HAM_0005132": {"sex": "male", "age_band": "60-69", "site": "upper_extremity",
+                            "dx_type": "follow_up"},
+            "HAM_0001396": {"sex": "female", "age_band": "90+", "site": "other",
+                            "dx_type": "other"},
+        },
+        "raw_attributes": [b"47.0", b"52.0", b"65.0", b"90.0", b"Upper Extremity", b"MALE",
+                           b"nowhere in particular", b"biopsy?"],
     }
     return csv_path, expect
 
@@ -159,6 +185,10 @@ def write_chexpert(root, folder_name="CheXpert-v1.0-small"):
         ("patient00006/study1/view1_frontal.jpg", "Frontal", "AP", CHEX_G, "corrupt"),  # 11
         ("patient00006/study2/view1_lateral.jpg", "Lateral", "", CHEX_B, "ok"),        # 12
     ]
+    # (Sex, Age) per patient; a case takes its first kept row's
+    demo = {"patient00001": ("Female", "68"), "patient00002": ("Male", "90"),
+            "patient00003": ("Female", "43"), "patient00005": ("Male", "55"),
+            "patient00006": ("Unknown", "")}
     rows = []
     for rel, fl, appa, cells, what in spec:
         path = os.path.join(base, "train", rel)
@@ -169,7 +199,8 @@ def write_chexpert(root, folder_name="CheXpert-v1.0-small"):
         elif what == "corrupt":
             with open(path, "wb") as f:
                 f.write(CORRUPT_JPEG)
-        rows.append([f"CheXpert-v1.0-small/train/{rel}", "Female", "68", fl, appa] + cells)
+        sex, age = demo.get(rel.split("/")[0], ("Female", "68"))
+        rows.append([f"CheXpert-v1.0-small/train/{rel}", sex, age, fl, appa] + cells)
     csv_path = _write_csv(os.path.join(base, "train.csv"),
                           ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_OBS, rows)
     expect = {
@@ -193,6 +224,15 @@ def write_chexpert(root, folder_name="CheXpert-v1.0-small"):
                     10: "conflicting labels within one study", 11: "cannot decode"},
         "views": {"frontal_PA", "frontal_AP", "lateral"},
         "secrets": [b"patient00001", b"study1", b"view1_frontal", b"Female", root.encode()],
+        # patient case -> case/attr/* (view over the images WRITTEN: patient00006's frontal
+        # image is corrupt, so only its lateral one is stored)
+        "attributes": {
+            "patient00001": {"sex": "female", "age_band": "60-69", "view": "mixed"},
+            "patient00002": {"sex": "male", "age_band": "90+", "view": "ap"},
+            "patient00003": {"sex": "female", "age_band": "40-49", "view": "pa"},
+            "patient00006": {"sex": "unknown", "age_band": "unknown", "view": "lateral"},
+        },
+        "raw_ages": {"68", "90", "43", "55"},
     }
     return csv_path, expect
 
@@ -223,8 +263,12 @@ def write_nih(root):
         ("00000005_000.png", "Pneumonia", 0, "00000005", "PA", "", "corrupt"),                # 9
         ("00000005_001.png", "No Finding", 1, "00000005", "AP", "", "ok"),                    # 10
     ]
+    # (Patient Age, Patient Gender) per CSV line; a case takes its first KEPT row's (line 6 is
+    # rejected for its finding, so patient 00000003 takes line 7's)
+    demo = {2: ("058Y", "M"), 3: ("059Y", "M"), 4: ("060Y", "M"), 5: ("47", "F"),
+            6: ("033Y", "F"), 7: ("041Y", "M"), 9: ("414", "X"), 10: ("415", "X")}
     rows = []
-    for image, findings, follow, patient, view, folder, what in spec:
+    for line, (image, findings, follow, patient, view, folder, what) in enumerate(spec, 2):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         path = os.path.join(root, folder, image)
         if what == "ok":
@@ -233,7 +277,8 @@ def write_nih(root):
         elif what == "corrupt":
             with open(path, "wb") as f:
                 f.write(CORRUPT_PNG)
-        rows.append([image, findings, follow, patient, "058Y", "M", view, 2682, 2749,
+        age, gender = demo.get(line, ("058Y", "M"))
+        rows.append([image, findings, follow, patient, age, gender, view, 2682, 2749,
                      0.143, 0.143])
     csv_path = _write_csv(os.path.join(root, "Data_Entry_2017.csv"),
                           ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
@@ -250,6 +295,14 @@ def write_nih(root):
                     9: ("not a recognised image", "cannot decode image")},
         "views": {"PA", "AP"},
         "secrets": [b"00000001_000", b"058Y", root.encode()],
+        "attributes": {
+            "00000001": {"sex": "male", "age_band": "50-59", "view": "mixed"},  # PA, PA, AP
+            "00000002": {"sex": "female", "age_band": "40-49", "view": "pa"},
+            "00000003": {"sex": "male", "age_band": "40-49", "view": "ap"},
+            # age 414: a data error -> unknown; line 9's PA image is corrupt -> only AP stored
+            "00000005": {"sex": "unknown", "age_band": "unknown", "view": "ap"},
+        },
+        "raw_attributes": [b"059Y", b"060Y", b"033Y", b"041Y"],
     }
     return csv_path, expect
 
@@ -353,13 +406,16 @@ def write_dicom_folder(root):
     shutil.copy(rg1, os.path.join(folder, "patientA", "RG1_UNCI.dcm"))          # real CR, PA
     write_synthetic_dicom(os.path.join(folder, "patientA", "IM000002"),        # no extension
                           _bands(SYN_MINMAX_STORED[::-1]), "9RG1", "2", study_suffix="78",
-                          ViewPosition="AP")
+                          ViewPosition="AP", PatientSex="F", PatientAge="047Y", Modality="DX",
+                          Manufacturer="ACME Imaging Widgets", StudyDate="20231124")
     write_synthetic_dicom(os.path.join(folder, "syn", "mono1.dcm"), _bands(SYN_STORED),
                           "SYN-PATIENT-0001", "3", PhotometricInterpretation="MONOCHROME1",
                           RescaleSlope="2", RescaleIntercept="-100", WindowCenter="100",
-                          WindowWidth="201", ViewPosition="FREE_TEXT_VIEW")
+                          WindowWidth="201", ViewPosition="FREE_TEXT_VIEW", PatientSex="M",
+                          PatientAge="006M", Manufacturer="GE MEDICAL SYSTEMS")
     write_synthetic_dicom(os.path.join(folder, "syn", "minmax.dcm"), _bands(SYN_MINMAX_STORED),
-                          "SYN-PATIENT-0002", "4", ViewPosition="AP")
+                          "SYN-PATIENT-0002", "4", ViewPosition="AP", PatientSex="O",
+                          PatientAge="095Y", Modality="MR", Manufacturer="SIEMENS Healthineers")
     rgb = np.zeros((8, 12, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
     write_synthetic_dicom(os.path.join(folder, "syn", "rgb.dcm"), rgb, "SYN-PATIENT-0003", "5")
@@ -390,6 +446,22 @@ def write_dicom_folder(root):
         # patient -> (images, label index in [abnormal, normal] or None)
         "patient_cases": [(2, 0), (1, None), (1, 1), (1, 1)],
         "study_cases": [(1, 0), (1, None), (1, None), (1, 1), (1, 1)],
+        # patient case (by its first file, walk order) -> case/attr/*. patientA: IM000002
+        # (F, 047Y, DX, ACME) then the real RG1_UNCI.dcm (F, no PatientAge, CR, Philips): age
+        # from the first file only (never from RG1's PatientBirthDate), modality and
+        # manufacturer "mixed"
+        "attributes": {
+            "patientA/IM000002": {"sex": "female", "age_band": "40-49", "modality": "mixed",
+                                  "manufacturer": "mixed"},
+            "syn/mono1.dcm": {"sex": "male", "age_band": "0-9", "modality": "cr",
+                              "manufacturer": "ge"},
+            "syn/minmax.dcm": {"sex": "other", "age_band": "90+", "modality": "mr",
+                               "manufacturer": "siemens"},
+            "syn/rgb.dcm": {"sex": "unknown", "age_band": "unknown", "modality": "cr",
+                            "manufacturer": "unknown"},
+        },
+        "raw_attributes": [b"047Y", b"006M", b"095Y", b"ACME", b"GE MEDICAL", b"SIEMENS",
+                           b"Healthineers", b"Philips", b"20231124", b"19400305", b"20040826"],
         "secrets": [b"9RG1", b"CompressedSamples", b"SYN-PATIENT", b"Doe^Jane", b"19700101",
                     b"Fixture General", b"1.2.826.0.1.3680043.8.498", b"FREE_TEXT_VIEW",
                     rg1_uid.encode(), b"RG1_UNCI", b"mono1", b"patientA", root.encode()],

@@ -1,7 +1,7 @@
-"""Evaluation of fine-tuned model_dirs: metrics files (DESIGN.md keys), reports and plots, the
-leakage and label-name refusals, distribution-shift gaps, the label-efficiency sweep (and its
-reuse of finished runs) and the micle-evaluate CLI. Uses the cached tiny runs of
-test_finetune.py."""
+"""Evaluation of fine-tuned model_dirs: metrics files (their keys), reports and plots, the
+leakage and label-name refusals, distribution-shift gaps and the micle-evaluate CLI (the
+label-efficiency sweep, which trains too, is test_sweep.py). Uses the cached tiny runs of
+tests/helpers.py."""
 import json
 import os
 
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from micle_tf.evaluation import evaluate as ev
-from tests.micle_tf.test_finetune import (SWEEP_FRACTION, base_finetune_config, shared_finetune,
-                                          shared_pretrain, sweep_dir)
+from tests.helpers import METRICS_KEYS, SWEEP_FRACTION, shared_finetune, shared_pretrain
 
 N_BOOT = 200
 
@@ -44,10 +43,10 @@ def _records_copy(src, dst, replace=None, info_update=None):
 
 
 def _check_metrics(m):
-    for key in ev.DESIGN_KEYS:
+    for key in METRICS_KEYS:
         assert key in m, key
     assert m["task"] == "multiclass" and m["level"] == "case"
-    assert m["num_cases"] == 30 and m["num_images"] == 600
+    assert m["num_cases"] == 30 and m["num_images"] == 300  # 10 distinct patches a lesion
     assert 0.0 <= m["top1"] <= m["top3"] <= 1.0
     assert 0.0 <= m["auc_macro"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in m["auc_per_class"].values())
@@ -73,9 +72,9 @@ def test_evaluate_model_dir_writes_metrics_report_and_plots(micle_run, ph2_recor
 
 def test_leakage_is_refused(micle_run, ph2_records, tmp_path):
     # a "test" split that is really a training shard
+    train_shard = sorted(n for n in os.listdir(ph2_records) if n.startswith("train-"))[0]
     tampered = _records_copy(ph2_records, tmp_path / "tampered",
-                             replace={"test-00000-of-00001.tfrecord":
-                                      "train-00000-of-00002.tfrecord"})
+                             replace={"test-00000-of-00001.tfrecord": train_shard})
     with pytest.raises(ValueError, match="leakage"):
         ev.evaluate_model_dir(micle_run, tampered, "test", n_boot=0, out_dir=str(tmp_path))
     # the model's own training cases
@@ -112,47 +111,6 @@ def test_shift_evaluation_same_records_has_zero_gap(micle_run, ph2_records, tmp_
         assert (tmp_path / "same" / name).exists(), name
 
     # a different split as the "shifted" set: see test_evaluate_cli
-
-
-def test_label_efficiency_sweep_and_reuse(tmp_path_factory, ph2_records):
-    pre = shared_pretrain(tmp_path_factory, ph2_records)
-    # the two runs at fraction 0.25 exist already (shared fixtures); 0.1 is trained here
-    shared = [shared_finetune(tmp_path_factory, ph2_records, n) for n in ("micle", "none")]
-    out = str(sweep_dir(tmp_path_factory))
-    inits = {"micle": pre, "none": "none"}
-    args = (ph2_records, inits, [0.1, SWEEP_FRACTION], [0], base_finetune_config(ph2_records),
-            out)
-    sweep = ev.run_sweep(*args, n_boot=N_BOOT)
-    assert sweep["counts"]["trained"] == 2 and sweep["counts"]["reused"] == 2
-    rows = {(r["init"], r["label_fraction"]): r for r in sweep["rows"]}
-    assert len(rows) == 4
-    for init in inits:
-        assert rows[(init, 0.1)]["num_labelled_cases"] < rows[(init, 0.25)]["num_labelled_cases"]
-        for f in (0.1, 0.25):
-            r = rows[(init, f)]
-            assert 0.0 <= r["auc_macro"] <= 1.0 and r["num_cases"] == 30
-            assert os.path.exists(os.path.join(r["model_dir"], "metrics_test.json"))
-    assert {rows[("micle", 0.25)]["model_dir"], rows[("none", 0.25)]["model_dir"]} == \
-        {os.path.abspath(d) for d in shared}
-    for name in ("sweep.json", "sweep.md", "label_efficiency.png"):
-        assert os.path.getsize(os.path.join(out, name)) > 0, name
-    with open(os.path.join(out, "sweep.md")) as f:
-        md = f.read()
-    assert "auc_macro" in md and "| micle | none |" in md
-
-    stamps = {r["model_dir"]: os.path.getmtime(os.path.join(r["model_dir"],
-                                                            "finetune_summary.json"))
-              for r in sweep["rows"]}
-    again = ev.run_sweep(*args, n_boot=N_BOOT)
-    assert again["counts"] == {"trained": 0, "reused": 4, "evaluated": 0}
-    assert [r["auc_macro"] for r in again["rows"]] == [r["auc_macro"] for r in sweep["rows"]]
-    for d, t in stamps.items():
-        assert os.path.getmtime(os.path.join(d, "finetune_summary.json")) == t
-
-    changed = base_finetune_config(ph2_records)
-    changed.learning_rate = 0.5
-    with pytest.raises(ValueError, match="other settings"):
-        ev.run_sweep(ph2_records, inits, [0.1], [0], changed, out, n_boot=N_BOOT)
 
 
 @pytest.mark.slow

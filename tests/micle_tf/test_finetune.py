@@ -2,7 +2,8 @@
 model_dir and from scratch, resume, best-checkpoint selection and early stopping.
 
 The tiny runs (resnet18 x0.125, 32 px, 2 steps) are cached on disk under the session's temp
-root (`shared_*` helpers), so test_evaluate.py reuses them instead of training again."""
+root (`shared_*` in tests/helpers.py), so test_evaluate.py reuses them instead of training
+again."""
 import dataclasses
 import json
 import math
@@ -16,54 +17,7 @@ import tensorflow as tf
 from data_pipelines import reader
 from micle_tf import config as config_lib
 from micle_tf.models.classifier import classification_loss, classification_targets
-
-TINY_MODEL = dict(backbone="resnet18", width_multiplier=0.125, image_size=32)
-SWEEP_FRACTION = 0.25  # the shared runs sit where a sweep over this fraction puts them
-
-
-# ------------------------------------------------------------------ shared tiny runs (cached)
-def shared_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "micle_ft_shared"
-
-
-def shared_pretrain(tmp_path_factory, ph2_records):
-    """A 2-step MICLe pretraining run on the PH2 records."""
-    from micle_tf.training.pretrain import run_pretraining
-    d = shared_root(tmp_path_factory) / "pretrain_micle"
-    if not (d / "pretrain_summary.json").exists():
-        run_pretraining(config_lib.PretrainConfig(
-            method="micle", model=config_lib.ModelConfig(**TINY_MODEL), data_dir=ph2_records,
-            model_dir=str(d), batch_size=16, train_steps=2, knn_monitor=False, verbose=0,
-            seed=7))  # another seed than the fine-tuning runs: different random inits
-    return str(d)
-
-
-def base_finetune_config(ph2_records):
-    """Sweep runs skip per-epoch validation (eval_split="": best = lowest training loss) to
-    keep the tests short; the shared "micle" run validates (see shared_finetune)."""
-    return config_lib.FinetuneConfig(
-        model=config_lib.ModelConfig(**TINY_MODEL), data_dir=ph2_records, batch_size=16,
-        train_steps=2, learning_rate=0.16, warmup_epochs=0.0, weight_decay=0.0,
-        keep_checkpoints=1, verbose=0, eval_split="")
-
-
-def sweep_dir(tmp_path_factory):
-    return shared_root(tmp_path_factory) / "sweep"
-
-
-def shared_finetune(tmp_path_factory, ph2_records, name):
-    """Fine-tuned run `name` ("micle": from the shared pretraining, validated on "val" each
-    epoch; "none": random init) at label fraction 0.25, seed 0, in the layout run_sweep uses
-    (so the sweep test reuses it: eval_split is not part of a sweep run's identity)."""
-    from micle_tf.training.finetune import SUMMARY_FILE, run_finetuning
-    init = shared_pretrain(tmp_path_factory, ph2_records) if name == "micle" else "none"
-    d = sweep_dir(tmp_path_factory) / name / f"f{SWEEP_FRACTION:g}_s0"
-    if not (d / SUMMARY_FILE).exists():
-        run_finetuning(dataclasses.replace(base_finetune_config(ph2_records), model_dir=str(d),
-                                           init_from=init, label_fraction=SWEEP_FRACTION,
-                                           seed=0, eval_split="val" if name == "micle" else ""))
-    return str(d)
-
+from tests.helpers import SWEEP_FRACTION, base_finetune_config, shared_finetune, shared_pretrain
 
 # ------------------------------------------------------------------------ losses and targets
 def _sigmoid_ce(x, z):
@@ -148,8 +102,8 @@ def test_label_fraction_subsets_by_case_are_reproducible_and_nested(ph2_records)
 # ---------------------------------------------------------------------------------- runs
 def test_finetune_from_pretraining_run(tmp_path_factory, ph2_records):
     from micle_tf.models.factory import build_encoder
+    from micle_tf.rundir import load_classifier, load_encoder_weights
     from micle_tf.training import finetune as ft
-    from micle_tf.training.checkpoints import load_encoder_weights
     pre = shared_pretrain(tmp_path_factory, ph2_records)
     run = shared_finetune(tmp_path_factory, ph2_records, "micle")
     with open(os.path.join(run, ft.SUMMARY_FILE)) as f:
@@ -180,14 +134,14 @@ def test_finetune_from_pretraining_run(tmp_path_factory, ph2_records):
 
     # the encoder started from the pretrained weights (2 tiny LARS steps barely move them),
     # unlike the run from scratch (same seed, no init_from)
-    model, cfg, dataset = ft.load_classifier(run, "latest")
+    model, cfg, dataset = load_classifier(run, "latest")
     assert dataset["label_names"] == ["symmetric", "asymmetric_one_axis",
                                       "asymmetric_two_axes"]
     pretrained = build_encoder(cfg.model)
     pretrained.build_for(32)
     load_encoder_weights(pretrained, pre)
-    scratch, _, _ = ft.load_classifier(shared_finetune(tmp_path_factory, ph2_records, "none"),
-                                       "latest")
+    scratch, _, _ = load_classifier(shared_finetune(tmp_path_factory, ph2_records, "none"),
+                                    "latest")
 
     def kernel(encoder):
         return next(v for v in encoder.weights if "kernel" in v.path).numpy()
@@ -205,6 +159,7 @@ def test_finetune_from_pretraining_run(tmp_path_factory, ph2_records):
 
 
 def test_finetune_from_scratch(tmp_path_factory, ph2_records):
+    from micle_tf.rundir import load_classifier
     from micle_tf.training import finetune as ft
     run = shared_finetune(tmp_path_factory, ph2_records, "none")
     with open(os.path.join(run, ft.SUMMARY_FILE)) as f:
@@ -213,7 +168,7 @@ def test_finetune_from_scratch(tmp_path_factory, ph2_records):
     assert summary["final_step"] == 2 and math.isfinite(summary["final_loss"])
     assert summary["best"]["metric"] == "train_loss"  # no validation split configured
     assert summary["best_checkpoint"].startswith(os.path.join(run, "best"))
-    model, cfg, _ = ft.load_classifier(run)
+    model, cfg, _ = load_classifier(run)
     probs = model.probabilities(model(tf.zeros([2, 32, 32, 3]))["logits"]).numpy()
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 

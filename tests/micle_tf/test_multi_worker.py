@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.micle_tf.test_resume import REPO, child_env, write_tiny_records
+from tests.helpers import REPO, child_env, write_tiny_records
 
 RUN_TIMEOUT = 240  # seconds for both workers together
 STEPS = 2
@@ -162,7 +162,7 @@ def test_two_workers_match_each_other_and_single_process(tmp_path):
     from data_pipelines.writer import read_info
     from micle_tf import augment, config as config_lib
     from micle_tf.optimizers import WarmupCosineDecay, build_optimizer, scale_learning_rate
-    from micle_tf.training import pretrain
+    from micle_tf.training import pretrain, runner
 
     cfg = config_lib.PretrainConfig(
         method="micle", data_dir=data_dir, model_dir=str(tmp_path / "unused"), batch_size=8,
@@ -172,9 +172,9 @@ def test_two_workers_match_each_other_and_single_process(tmp_path):
                                      image_size=32, synchronized_bn=True))
     # The reader's seeded shuffles also depend on TF's global seed, which run_pretraining sets
     # from cfg.seed: set it the same way, or the reference sees other batches.
-    pretrain.seed_everything(cfg.seed)
+    runner.seed_everything(cfg.seed)
     model = pretrain.build_pretraining_model(cfg)
-    spe, total, warmup = pretrain.plan_schedule(cfg, 16)
+    spe, total, warmup = runner.plan_schedule(cfg, 16)
     peak = scale_learning_rate(cfg.learning_rate, cfg.batch_size, cfg.learning_rate_scaling)
     model.compile(optimizer=build_optimizer(cfg.optimizer, WarmupCosineDecay(peak, warmup, total),
                                             cfg.weight_decay, cfg.momentum))

@@ -1,7 +1,6 @@
-"""Pretraining runner: schedule planning, exact resume, summary, and a learning test."""
+"""Pretraining: exact resume, summary, encoder initialisation, and a learning test (the
+schedule and the shared runner core are tested in test_runner.py)."""
 import json
-import os
-import shutil
 
 import keras
 import numpy as np
@@ -11,10 +10,9 @@ import tensorflow as tf
 from data_pipelines import reader
 from micle_tf import config as C
 from micle_tf.evaluation import knn
-from micle_tf.training.callbacks import embed
-from micle_tf.training.checkpoints import load_encoder_weights
-from micle_tf.training.pretrain import (_segments, build_pretraining_model, plan_schedule,
-                                        run_pretraining)
+from micle_tf.inference import embed
+from micle_tf.rundir import load_encoder_weights
+from micle_tf.training.pretrain import build_pretraining_model, run_pretraining
 
 
 def tiny_cfg(data_dir, model_dir, **kw):
@@ -25,18 +23,6 @@ def tiny_cfg(data_dir, model_dir, **kw):
                   warmup_epochs=1, verbose=0, knn_monitor=False)
     values.update(kw)
     return C.PretrainConfig(**values)
-
-
-def test_plan_and_segments():
-    cfg = C.PretrainConfig(batch_size=32, train_epochs=3, warmup_epochs=1)
-    assert plan_schedule(cfg, 139) == (4, 12, 4)
-    cfg = C.PretrainConfig(batch_size=32, train_steps=10, warmup_epochs=0.5)
-    assert plan_schedule(cfg, 139) == (4, 10, 2)
-    assert _segments(0, 4, 10) == [(0, 2, 4), (2, 1, 2)]
-    assert _segments(8, 4, 10) == [(2, 1, 2)]
-    assert _segments(5, 4, 12) == [(1, 1, 3), (2, 1, 4)]  # mid-epoch: finish it, then go on
-    assert _segments(12, 4, 12) == []
-    assert _segments(5, 3, 5) == [] and _segments(2, 45, 2) == []  # finished: no empty fit
 
 
 def _check_learning_health(summary, batch, warmup):

@@ -27,7 +27,7 @@ import pytest
 
 from data_pipelines import reader, splits, writer
 from tests.data_pipelines.images import coded_rgb, encode
-from tests.micle_tf.test_resume import REPO, child_env
+from tests.helpers import REPO, child_env
 
 PATIENTS = [f"PATIENT-{first}-{last}-{i:03d}" for i, (first, last) in enumerate(
     [("JOHN", "DOE"), ("JANE", "ROE"), ("MAX", "MUSTER"), ("ERIKA", "MUSTERMANN"),

@@ -24,20 +24,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO, child_env, write_tiny_records
+
 TRAIN_STEPS, STEPS_PER_EPOCH = 12, 2
 RUN_TIMEOUT = 240  # seconds for one CLI run (a loaded 2-core machine)
-
-
-def write_tiny_records(out_dir, num_cases=16, num_shards=2, fractions=(("train", 1.0),)):
-    """The first `num_cases` PH² lesions (10 patches each), all in `train`, `num_shards` shards."""
-    from data_pipelines import writer
-    from data_pipelines.sources import ph2
-
-    source = ph2.first_lesions(ph2.build(), num_cases)
-    writer.write_dataset(source, str(out_dir), salt=b"tiny", seed=0, fractions=fractions,
-                         num_shards=num_shards, overwrite=True)
-    return str(out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +41,6 @@ def pretrain_cmd(data_dir, model_dir, *extra):
             "--width_multiplier=0.125", "--image_size=32", "--batch_size=8",
             f"--train_steps={TRAIN_STEPS}", f"--steps_per_epoch={STEPS_PER_EPOCH}",
             "--knn_monitor=false", "--verbose=0", "--seed=3", "--keep_checkpoints=3", *extra]
-
-
-def child_env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @contextlib.contextmanager

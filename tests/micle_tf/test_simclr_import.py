@@ -15,7 +15,8 @@ from micle_tf.models import resnet as resnet_lib
 from micle_tf.models import simclr_import
 from micle_tf.models.heads import ProjectionHead
 from micle_tf.models.resnet import ResNet
-from micle_tf.training.checkpoints import load_encoder_weights
+from micle_tf.rundir import load_encoder_weights
+from tests.helpers import write_simclr_checkpoint
 
 # Copies of ../shared/simclr_tf2_checkpoint_keys (the upstream layout's ground truth).
 KEY_DIR = os.path.join(os.path.dirname(__file__), "data", "simclr_tf2_checkpoint_keys")
@@ -71,7 +72,7 @@ def r50_1x_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("simclr_r50_1x") / "ckpt-100")
     extra = {"model/supervised_head/linear_layer/dense/kernel": np.zeros([2048, 10], np.float32),
              "model/supervised_head/linear_layer/dense/bias": np.zeros([10], np.float32)}
-    prefix = simclr_import.write_simclr_checkpoint(enc, path, head, global_step=100,
+    prefix = write_simclr_checkpoint(enc, path, head, global_step=100,
                                                    extra=extra)
     return prefix, enc
 
@@ -106,7 +107,7 @@ def test_writer_writes_exactly_the_layout_basic_blocks(tmp_path):
     """ResNet-18 with SK: simclr's ResidualBlock names (conv2d_bn_layers, shortcut_layers)."""
     enc = ResNet(18, width_multiplier=0.125, sk_ratio=0.0625)
     head = ProjectionHead(num_proj_layers=2, proj_out_dim=16)
-    prefix = simclr_import.write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"), head)
+    prefix = write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"), head)
     listed = {k: list(s) for k, s in tf.train.list_variables(prefix) if k.startswith("model/")}
     assert listed == simclr_import.simclr_layout(enc, head)
     assert any("/conv2d_bn_layers/" in k for k in listed)
@@ -123,7 +124,7 @@ def test_round_trip_identical_weights_and_outputs(tmp_path, depth, sk, small):
     enc_a.build((None, 32, 32, 3))
     head_a.build((None, enc_a.output_dim))
     _randomize(enc_a.weights + head_a.weights, seed=depth)
-    prefix = simclr_import.write_simclr_checkpoint(enc_a, str(tmp_path / "ckpt-7"), head_a)
+    prefix = write_simclr_checkpoint(enc_a, str(tmp_path / "ckpt-7"), head_a)
 
     enc_b, head_b = ResNet(depth, **kw), ProjectionHead(3, 16)
     enc_b.build((None, 32, 32, 3))
@@ -171,7 +172,7 @@ def test_r50_1x_into_2x_raises_listing_unmatched(r50_1x_checkpoint, monkeypatch)
 
 def test_mismatches_list_keys_and_leave_model_untouched(tmp_path):
     enc = ResNet(18, width_multiplier=0.125)
-    prefix = simclr_import.write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"))
+    prefix = write_simclr_checkpoint(enc, str(tmp_path / "ckpt-0"))
     # selective kernels / ResNet-D: stem and shortcut keys missing, plain ones unused
     sk = ResNet(18, width_multiplier=0.125, sk_ratio=0.0625)
     with pytest.raises(ValueError) as err:
@@ -212,7 +213,7 @@ def test_load_encoder_weights_imagenet_simclr_prefix(tmp_path):
     enc_a = ResNet(18, width_multiplier=0.125, sk_ratio=0.0625)
     enc_a.build((None, 32, 32, 3))
     _randomize(enc_a.weights, seed=5)
-    prefix = simclr_import.write_simclr_checkpoint(enc_a, str(tmp_path / "simclr" / "ckpt-1"))
+    prefix = write_simclr_checkpoint(enc_a, str(tmp_path / "simclr" / "ckpt-1"))
     enc_b = ResNet(18, width_multiplier=0.125, sk_ratio=0.0625)
     out = load_encoder_weights(enc_b, "imagenet_simclr:" + prefix)
     assert out == prefix  # returns the resolved checkpoint prefix, like the micle-tf path
