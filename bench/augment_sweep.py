@@ -67,6 +67,9 @@ flags.DEFINE_integer("verbose", 2, "Keras verbosity of each pretraining run.")
 flags.DEFINE_bool("quick", False, "Check the script: 2 configs (simclr s=0.5 c=0.2, micle s=1.0 "
                   "c=0.08), 5 steps each.")
 flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
+flags.DEFINE_float("small_image_gray_p", None, "Sweep-only knob: replace the grayscale "
+                   "probability of the preset's small-image table (augment.SMALL_IMAGE_DEFAULTS) "
+                   "in this process, to measure it beside the swept strength and floor.")
 
 QUICK_CONFIGS = [("simclr", 0.5, 0.2), ("micle", 1.0, 0.08)]
 
@@ -80,7 +83,9 @@ def shared_settings():
             "backbone": FLAGS.backbone, "width_multiplier": FLAGS.width_multiplier,
             "image_size": FLAGS.image_size, "seed": FLAGS.seed, "k": FLAGS.k,
             "train_split": FLAGS.train_split, "eval_split": FLAGS.eval_split,
-            "cache_decoded": FLAGS.cache_decoded}
+            "cache_decoded": FLAGS.cache_decoded,
+            **({"small_image_gray_p": FLAGS.small_image_gray_p}
+               if FLAGS.small_image_gray_p is not None else {})}
 
 
 def settings_tag(shared):
@@ -267,6 +272,9 @@ def main(argv):
         if split not in info["splits"]:
             raise app.UsageError(f"{FLAGS.data_dir} has no {split!r} split "
                                  f"({sorted(info['splits'])})")
+    if FLAGS.small_image_gray_p is not None:
+        from micle_tf import augment
+        augment.SMALL_IMAGE_DEFAULTS[FLAGS.augment]["gray_p"] = FLAGS.small_image_gray_p
     shared = shared_settings()
     workdir = os.path.join(FLAGS.out_dir, settings_tag(shared))
     os.makedirs(workdir, exist_ok=True)

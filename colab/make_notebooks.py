@@ -612,10 +612,12 @@ Its signatures:
 | `serving_default` | `image_bytes`: `tf.string [None]` (PNG or JPEG bytes) | `probabilities` `[None, C]`, `embedding` `[None, D]` |
 | `serve_pixels` | `images`: `float32 [None, H, W, 3]` in [0, 1] | the same |
 | `get_label_names` | none | `label_names` `tf.string [C]` (order of `probabilities`) |
+| `get_model_card` | none | `model_card` (JSON), `model_card_markdown` |
 
 Decoding and resizing happen inside the model with the same functions the evaluation uses, so
-served and evaluated predictions agree. This notebook exports a model (training a tiny one from
-scratch on the PH² patches when none is given), then plays the client.
+served and evaluated predictions agree. This notebook trains a tiny model when none is given,
+fits **temperature scaling** on its validation split, evaluates it (calibration with a
+reliability diagram), exports it with its **model card**, then plays the client.
 """),
     INSTALL_MD,
     INSTALL_CODE,
@@ -624,10 +626,13 @@ scratch on the PH² patches when none is given), then plays the client.
 
 `MODEL_DIR`: a `micle-finetune` model directory to export. `None` trains a tiny classifier from
 scratch for a couple of steps (its predictions are near chance: it only shows the mechanics).
-`IMAGE_FILES`: images to classify; `None` takes a few PH² test patches.
+`DATA_DIR`: the records it is calibrated (validation split) and evaluated (test split) on;
+`None` uses the data it was fine-tuned on. `IMAGE_FILES`: images to classify; `None` takes a
+few PH² test patches.
 """),
     params("""
 MODEL_DIR = None                  # a micle-finetune model_dir, or None for a quick one
+DATA_DIR = None                   # records with val/test splits; None: the model's own data
 IMAGE_FILES = None                # paths of PNG/JPEG files, or None for PH² test patches
 QUICK = True                      # with MODEL_DIR = None: a tiny model; False trains longer
 WORKDIR = "micle_nb_run/03_serving"
@@ -642,11 +647,15 @@ import keras
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
+from IPython.display import Image, Markdown, display
 
 from data_pipelines import reader, schema
 from data_pipelines.sources import ph2
 from data_pipelines.writer import INFO_FILE, load_or_create_salt, read_info, write_dataset
+from micle_tf import rundir
 from micle_tf.config import FinetuneConfig, ModelConfig
+from micle_tf.evaluation.evaluate import evaluate_model_dir
+from micle_tf.evaluation.temperature_scaling import fit_model_dir
 from micle_tf.export.serving import export_saved_model
 from micle_tf.rundir import FINETUNE_SUMMARY_FILE
 from micle_tf.training.finetune import run_finetuning
@@ -687,6 +696,34 @@ if MODEL_DIR is None:
             learning_rate=0.1, warmup_epochs=0, weight_decay=0.0, seed=SEED, verbose=2,
             **schedule))
 print("model to export:", MODEL_DIR)
+if DATA_DIR is None:
+    DATA_DIR = rundir.load_config(MODEL_DIR, "finetune")[1]["data_dir"]
+"""),
+    md("""
+## 2. Calibration and evaluation
+
+A classifier's probabilities are rarely calibrated: among the images it gives 0.8, it is often
+right far more or far less than 80% of the time. **Temperature scaling** divides the logits by
+one number T fitted on the *validation* split (never the test split), which changes the
+confidence but not the order of the classes. `fit_model_dir` (or `micle-finetune --calibrate`,
+`micle-export --calibrate`) writes it to `calibration.json` in the model directory; the
+evaluation then reports calibration before and after (expected calibration error with
+equal-width and equal-mass bins, Brier score, NLL, with case-bootstrap CIs) and the export
+serves the scaled probabilities. `micle-evaluate --subgroups=sex,age_band` adds per-subgroup
+results when the records carry case attributes (PH² does not).
+"""),
+    code("""
+calibration = fit_model_dir(MODEL_DIR, DATA_DIR)
+print(f"T = {calibration['temperature']:.3f} on the {calibration['fitted_on']['split']} split; "
+      f"validation NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}")
+keras.utils.clear_session()
+metrics = evaluate_model_dir(MODEL_DIR, DATA_DIR, "test", n_boot=200 if QUICK else 1000)
+for name, block in (("uncalibrated", metrics["calibration"]),
+                    ("temperature-scaled", metrics["calibration_after"])):
+    lo, hi = block["ci95"]["ece"]
+    print(f"{name:19s} ECE {block['ece']:.3f} [{lo:.3f}, {hi:.3f}]  "
+          f"ECE (equal mass) {block['ece_equal_mass']:.3f}  Brier {block['brier']:.3f}")
+display(Image(filename=os.path.join(MODEL_DIR, metrics["plots"]["Reliability diagram"])))
 """),
     md("""
 Some images to classify: the first patch of a few **test** lesions (never trained on), written
@@ -709,11 +746,15 @@ if IMAGE_FILES is None:
 print("\\n".join(IMAGE_FILES))
 """),
     md("""
-## 2. Export
+## 3. Export
 
 `export_saved_model` (or `micle-export --model_dir=... --export_dir=...`) restores the best
-checkpoint (by validation AUC) and writes the SavedModel, label names included. The version
-folder (`.../1`) is the layout TF Serving expects under its model base path.
+checkpoint (by validation AUC) and writes the SavedModel, label names, temperature and model
+card included. The card (`assets/model_card.md` and `.json`) is built from the run directory:
+the model and its initialisation, the training data, the test evaluation just written
+(metrics with CIs, calibration), intended and out-of-scope use, limitations and citations -
+and no file path or id. The version folder (`.../1`) is the layout TF Serving expects under
+its model base path.
 """),
     code("""
 EXPORT_DIR = os.path.join(RUN, "export", "micle_classifier", "1")
@@ -725,7 +766,7 @@ with open(os.path.join(EXPORT_DIR, "assets.extra", "micle_export.json")) as f:
     print(f.read()[:1200])
 """),
     md("""
-## 3. The client: TensorFlow only
+## 4. The client: TensorFlow only
 
 From here on nothing of micle-tf is used: `tf.saved_model.load`, the signatures, and raw file
 bytes. A TF Serving client would send the same bytes (base64 in JSON) to the same signature.
@@ -748,6 +789,16 @@ print("probabilities", probabilities.shape, "| embedding", tuple(out["embedding"
 for path, p in zip(IMAGE_FILES, probabilities):
     ranked = ", ".join(f"{label_names[i]} {p[i]:.2f}" for i in np.argsort(-p))
     print(f"{os.path.basename(path):40s} -> {ranked}")
+"""),
+    md("""
+The model card comes from the model itself, so a server can show it next to every answer:
+"""),
+    code("""
+card_out = served.signatures["get_model_card"]()
+card = json.loads(card_out["model_card"].numpy().decode("utf-8"))
+print("served probabilities:", card["evaluation"].get("served_probabilities"))
+print("temperature:", card["calibration"].get("temperature"))
+display(Markdown(card_out["model_card_markdown"].numpy().decode("utf-8")))
 """),
     code("""
 fig, axes = plt.subplots(1, len(IMAGE_FILES), figsize=(2.2 * len(IMAGE_FILES), 2.6),

@@ -11,7 +11,10 @@ missing):
                  evaluate case-level on the test split with bootstrap CIs
   5. compare     paired bootstrap differences of test AUC between inits on the same cases, and
                  same-lesion kNN retrieval on held-out lesions (label-free)
-  6. export      the best model by *validation* AUC, as a SavedModel, checked in a fresh process
+  6. export      the best model by *validation* AUC: temperature scaling fitted on the
+                 validation lesions, test evaluation with calibration before/after, a
+                 SavedModel serving the scaled probabilities with its model card, checked in a
+                 fresh process
   7. report.md   tables, plots and plain statements of what the CIs support
 """
 import dataclasses
@@ -188,9 +191,21 @@ def pick_best(sweep):
     return best or sweep["rows"][-1], best_auc
 
 
+def calibrate_and_evaluate(model_dir, records, s):
+    """Temperature scaling of the exported run, fitted on the validation lesions, then its
+    test evaluation again (same resamples as the sweep's), so metrics_test.json and the model
+    card hold calibration before and after."""
+    from micle_tf.evaluation.evaluate import evaluate_model_dir
+    from micle_tf.evaluation.temperature_scaling import fit_model_dir
+    fit_model_dir(model_dir, records)
+    return evaluate_model_dir(model_dir, records, "test", level="case", n_boot=s.n_boot,
+                              seed=s.seed)
+
+
 def check_export_in_fresh_process(export_dir, records):
     """Loads the SavedModel in a new Python process that imports only TensorFlow and classifies
-    one test patch's PNG bytes; returns what it printed (probabilities, label names)."""
+    one test patch's PNG bytes and reads the model card from `get_model_card`; returns what it
+    printed (probabilities, label names, the card's title and temperature)."""
     import tensorflow as tf
 
     from data_pipelines import schema
@@ -208,7 +223,10 @@ def check_export_in_fresh_process(export_dir, records):
             "p = out['probabilities'].numpy()[0].tolist()\n"
             "names = [n.decode() for n in "
             "m.signatures['get_label_names']()['label_names'].numpy().tolist()]\n"
-            "print(json.dumps({'probabilities': p, 'sum': sum(p), 'label_names': names}))\n")
+            "card = json.loads(m.signatures['get_model_card']()['model_card'].numpy())\n"
+            "print(json.dumps({'probabilities': p, 'sum': sum(p), 'label_names': names,\n"
+            "                  'model_card_title': card['title'],\n"
+            "                  'temperature': card['calibration'].get('temperature')}))\n")
     proc = subprocess.run([sys.executable, "-c", code, export_dir, png_path],
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -271,10 +289,13 @@ def run_demo(workdir, s):
     export_dir = os.path.join(workdir, "export")
     previous = rundir.read_json(os.path.join(workdir, "export_check.json"))
     if (previous and previous.get("model_dir") == best["model_dir"] and not fresh
-            and os.path.exists(os.path.join(export_dir, "saved_model.pb"))):
+            and os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+            and os.path.exists(os.path.join(export_dir, "assets", "model_card.md"))):
         logging.info("micle-demo: export exists for the chosen model (reused)")
         exported, check = previous["exported"], previous["check"]
     else:
+        keras.utils.clear_session()
+        calibrate_and_evaluate(best["model_dir"], records, s)
         keras.utils.clear_session()
         exported = export_saved_model(best["model_dir"], export_dir, which="best",
                                       overwrite=True)

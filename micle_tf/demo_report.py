@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data_pipelines.writer import read_info
-from micle_tf import augment
+from micle_tf import augment, rundir
 from micle_tf.evaluation import encoder_retrieval
 
 matplotlib.rcParams.setdefault("font.size", 9)
@@ -80,6 +80,34 @@ def plot_pretraining_curves(pretrained, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _calibration_lines(workdir, best):
+    """Temperature scaling of the exported run and its test calibration before/after, with a
+    link to its reliability diagram."""
+    metrics = rundir.read_json(os.path.join(best["model_dir"], "metrics_test.json"))
+    if not metrics or not metrics.get("calibration"):
+        return []
+    before, after = metrics["calibration"], metrics.get("calibration_after")
+    rel = os.path.relpath(os.path.join(best["model_dir"],
+                                       (metrics.get("plots") or {}).get(
+                                           "Reliability diagram", "reliability_test.png")),
+                          workdir).replace(os.sep, "/")
+    out = []
+    if after and metrics.get("temperature"):
+        t = metrics["temperature"]
+        out.append(f"- Calibration: temperature scaling fitted on the {t['fitted_on']['split']} "
+                   f"lesions' patches, T = {t['temperature']:.3f} (validation NLL "
+                   f"{t['nll_before']:.3f} → {t['nll_after']:.3f}); on the test lesions ECE "
+                   f"{before['ece']:.3f} {_ci(before['ci95'].get('ece'))} → {after['ece']:.3f} "
+                   f"{_ci(after['ci95'].get('ece'))}, Brier {before['brier']:.3f} → "
+                   f"{after['brier']:.3f}. The export serves the scaled probabilities.")
+    else:
+        out.append(f"- Calibration (test lesions): ECE {before['ece']:.3f} "
+                   f"{_ci(before['ci95'].get('ece'))}, Brier {before['brier']:.3f}.")
+    out += [f"- Reliability diagram of the exported run ([{rel}]({rel})):", "",
+            f"![reliability]({rel})"]
+    return out
 
 
 def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retrieval, best,
@@ -176,10 +204,16 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
               f"- Chosen by validation AUC ({_f(best_val_auc)}): `{best['init']}` at label "
               f"fraction {best['label_fraction']:g}, seed {best['seed']}.",
               f"- SavedModel: `export/` (signatures `serving_default` on PNG/JPEG bytes, "
-              f"`serve_pixels` on float pixels).",
+              f"`serve_pixels` on float pixels, `get_model_card`).",
+              "- Model card: [export/assets/model_card.md](export/assets/model_card.md) (model, "
+              "initialisation, data, test metrics with CIs, calibration, intended use, "
+              "limitations; the same as JSON from the `get_model_card` signature).",
               f"- Checked in a fresh process importing only TensorFlow on a test patch's PNG "
               f"bytes: probabilities {[round(p, 4) for p in check['probabilities']]} "
-              f"(sum {check['sum']:.4f}), label names {check.get('label_names')}.", ""]
+              f"(sum {check['sum']:.4f}), label names {check.get('label_names')}"
+              + (f"; model card \"{check['model_card_title']}\"" if check.get("model_card_title")
+                 else "") + "."]
+    lines += _calibration_lines(workdir, best) + [""]
     lines += ["## Files", "",
               "`records/` (TFRecords + dataset_info.json), `start_encoder/`, `pretrain_simclr/`, "
               "`pretrain_micle/`, `sweep/` (one fine-tuning run per init/fraction/seed with "

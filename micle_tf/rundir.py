@@ -20,10 +20,16 @@ Layout of a model_dir (a contract: micle-evaluate and micle-export read it):
                     evaluator's leakage check
   best/             tf.train.Checkpoint(model=ClassifierModel) of the best epoch by validation
                     AUC (max_to_keep=1) + best_state.json (metric, value, step, epoch, ...)
+  calibration.json  optional: temperature scaling fitted on the validation split for one
+                    checkpoint (micle-finetune --calibrate, micle-export --calibrate; see
+                    micle_tf.evaluation.temperature_scaling); micle-evaluate reports before/after
+                    figures with it and micle-export applies it in the serving signatures
+  metrics_{split}.json, report_{split}.md, *.png   micle-evaluate's outputs
 
 micle-demo's shared starting encoder is a `checkpoints/` folder with `start_encoder.json`
 ({"source", "model"}) instead of a config file.
 """
+import hashlib
 import json
 import math
 import os
@@ -49,6 +55,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
 BEST_STATE_FILE = "best_state.json"
 LOGS_SUBDIR = "logs"
+CALIBRATION_FILE = "calibration.json"
 
 _CONFIGS = {"pretrain": (PRETRAIN_CONFIG_FILE, config_lib.PretrainConfig),
             "finetune": (FINETUNE_CONFIG_FILE, config_lib.FinetuneConfig)}
@@ -179,6 +186,37 @@ def checkpoint_origin(prefix):
     which = "best" if os.path.basename(os.path.dirname(prefix)) == BEST_SUBDIR else "latest"
     step = prefix.rsplit("-", 1)[-1]
     return which, int(step) if step.isdigit() else None
+
+
+def read_calibration(model_dir, checkpoint=None):
+    """The model_dir's calibration.json (temperature scaling), or None when there is none.
+    With `checkpoint` (a checkpoint prefix) also None, with a warning, when it was fitted for
+    another checkpoint (a later or resumed run changed the best one): a temperature belongs
+    to the logits it was fitted on."""
+    cal = read_json(os.path.join(model_dir, CALIBRATION_FILE))
+    if cal is None or checkpoint is None:
+        return cal
+    which, step = checkpoint_origin(checkpoint)
+    fitted = cal.get("checkpoint") or {}
+    same = (fitted.get("which"), fitted.get("step")) == (which, step)
+    if same and fitted.get("fingerprint"):  # same step, other weights: a run trained again
+        same = fitted["fingerprint"] == checkpoint_fingerprint(checkpoint)
+    if not same:
+        logging.warning("%s was fitted for another checkpoint (%s, step %s) than %s (step %s): "
+                        "not used; fit it again (micle-finetune/micle-export --calibrate)",
+                        CALIBRATION_FILE, fitted.get("which"), fitted.get("step"), which, step)
+        return None
+    return cal
+
+
+def checkpoint_fingerprint(prefix):
+    """A short hash of a checkpoint's `.index` file (it holds every tensor's checksum, so other
+    weights give another fingerprint); None when it cannot be read."""
+    try:
+        with tf.io.gfile.GFile(prefix + ".index", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (OSError, tf.errors.OpError):
+        return None
 
 
 def restore(checkpoint, prefix, mismatch, partial=True):

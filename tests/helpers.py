@@ -3,7 +3,8 @@ tests/data_pipelines/images.py, the image encoders), never from another test fil
 
 - processes: `REPO`, `child_env`, `run_cli` (a CLI in a subprocess, as a user runs it);
 - data: `write_tiny_records` (a few PH² lesions), `write_folder_fixture` (a folder/CSV source
-  with one bad item of each kind), `build_records` (cases whose pixels encode their identity);
+  with one bad item of each kind), `build_records` (cases whose pixels encode their identity),
+  `write_ph2_with_attributes` (the session's PH² records again, with case attributes);
 - runs: `TINY_MODEL`, `shared_pretrain` / `shared_finetune` (tiny runs cached once per test
   session, in the layout a label-efficiency sweep uses), `base_finetune_config`, `sweep_dir`;
 - models: `run_serialization_test` (the one Keras config round trip every model and layer
@@ -97,6 +98,31 @@ def write_folder_fixture(root):
         w.writerow(["case_id", "image_path", "label"])
         w.writerows(rows)
     return root / "cases.csv"
+
+
+PH2_SALT = b"test-salt"  # tests/conftest.py's ph2_records
+
+
+def ph2_attributes(index):
+    """The case attributes `write_ph2_with_attributes` gives the lesion at `index` (source
+    order): sex alternating, three age bands, and "90+" for every tenth lesion (a small group,
+    for suppression)."""
+    age = "90+" if index % 10 == 0 else ("30-39", "50-59", "70-79")[index % 3]
+    return {"sex": "female" if index % 2 else "male", "age_band": age}
+
+
+def write_ph2_with_attributes(out_dir):
+    """The PH² records of tests/conftest.py (same salt and seed: the same case ids, splits and
+    pixels) with `case/attr/sex` and `case/attr/age_band` from `ph2_attributes`, so a model
+    fine-tuned on ph2_records can be evaluated on them by subgroup."""
+    from data_pipelines import writer
+    from data_pipelines.sources import ph2
+
+    source = ph2.build()
+    source.cases = [dataclasses.replace(c, attributes=ph2_attributes(i))
+                    for i, c in enumerate(source.cases)]
+    writer.write_dataset(source, str(out_dir), salt=PH2_SALT, seed=0, overwrite=True)
+    return str(out_dir)
 
 
 READER_SALT = b"reader-test"

@@ -33,6 +33,15 @@ def _commands(tmp):
                                    f"--model_dir={tmp / 'no_model'}", "--split=train"],
         "export_model_dir": m + ["micle_tf.cli.export", f"--model_dir={tmp / 'no_model'}",
                                  f"--export_dir={tmp / 'e'}"],
+        "finetune_calibrate": m + ["micle_tf.cli.finetune", f"--data_dir={records}",
+                                   f"--model_dir={tmp / 'fc'}", "--init_from=none",
+                                   "--label_fraction=1", "--calibrate"],
+        "evaluate_group_size": m + ["micle_tf.cli.evaluate", f"--data_dir={records}",
+                                    f"--model_dir={tmp / 'no_model'}", "--split=train",
+                                    "--subgroups=sex", "--min_group_size=0"],
+        "export_intended_use": m + ["micle_tf.cli.export", f"--model_dir={tmp / 'no_model'}",
+                                    f"--export_dir={tmp / 'e2'}", "--intended_use=research",
+                                    f"--intended_use_file={tmp / 'use.md'}"],
         "demo_flags": m + ["micle_tf.cli.demo", "--quick", "--reproduce"],
         "data_missing_input": m + ["data_pipelines.cli", "--source=folder",
                                    f"--output_dir={tmp / 'd'}"],
@@ -100,6 +109,17 @@ def test_wrong_model_dir(results):
 def test_contradictory_flags(results):
     line, _ = _user_error(results, "demo_flags", "micle-demo")
     assert "--quick and --reproduce" in line
+
+
+@pytest.mark.slow
+def test_calibration_subgroup_and_card_flags(results):
+    line, tmp = _user_error(results, "finetune_calibrate", "micle-finetune")
+    assert "--calibrate" in line and "no 'val' split" in line
+    assert not (tmp / "fc").exists()  # refused before training
+    line, _ = _user_error(results, "evaluate_group_size", "micle-evaluate")
+    assert "--min_group_size must be >= 1" in line
+    line, _ = _user_error(results, "export_intended_use", "micle-export")
+    assert "--intended_use or --intended_use_file" in line
 
 
 @pytest.mark.slow

@@ -37,6 +37,14 @@ def test_demo_quick_runs_every_stage_then_reuses_them(tmp_path):
     assert len(check["probabilities"]) == 3 and abs(check["sum"] - 1.0) < 1e-5
     assert check["label_names"] == ["symmetric", "asymmetric_one_axis", "asymmetric_two_axes"]
     assert (workdir / "export" / "saved_model.pb").exists()
+    # the export carries its model card and serves temperature-scaled probabilities; the
+    # report links the card and the exported run's reliability diagram
+    assert (workdir / "export" / "assets" / "model_card.md").exists()
+    assert check["model_card_title"].startswith("micle-tf multiclass classifier")
+    assert check["temperature"] is not None
+    assert "(export/assets/model_card.md)" in report and "![reliability](sweep/" in report
+    rel = report.split("![reliability](", 1)[1].split(")", 1)[0]
+    assert (workdir / rel).exists(), rel
     for c in results["comparisons"]:
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     # label-free retrieval: every encoder with its CI, the paired differences, the health block

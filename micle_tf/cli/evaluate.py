@@ -2,7 +2,13 @@
 label-efficiency sweeps.
 
   micle-evaluate --data_dir=/tmp/ph2 --model_dir=/tmp/ft_micle --split=test
-      -> metrics_test.json, report_test.md, roc_test.png, confusion_test.png in --model_dir
+      -> metrics_test.json, report_test.md, roc_test.png, confusion_test.png,
+         reliability_test.png in --model_dir (calibration is always reported: ECE with
+         equal-width and equal-mass bins, Brier, NLL with CIs; with a temperature fitted by
+         micle-finetune --calibrate, also the figures after temperature scaling)
+  micle-evaluate ... --subgroups=sex,age_band --min_group_size=10
+      (+ per-subgroup metrics with CIs and case counts, worst group, largest gap; groups
+       under --min_group_size cases shown as "n < k")
   micle-evaluate ... --shift_data_dir=/tmp/other_site      (+ shift_test.json)
   micle-evaluate --sweep --data_dir=/tmp/ph2 --sweep_dir=/tmp/sweep --split=test \
       --sweep_inits=none:none,simclr:/tmp/simclr,micle:/tmp/micle \
@@ -25,6 +31,7 @@ import sys
 from absl import app, flags
 
 from micle_tf.cli import common
+from micle_tf.evaluation.subgroups import DEFAULT_MIN_GROUP_SIZE
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +46,14 @@ flags.DEFINE_integer("eval_batch_size", 256, "Prediction batch size.")
 flags.DEFINE_string("shift_data_dir", None, "Also evaluate on this dataset (distribution "
                     "shift) and write shift_{split}.json with the gaps.")
 flags.DEFINE_string("shift_split", None, "Split of --shift_data_dir (default: --split).")
+flags.DEFINE_list("subgroups", [], "Case attributes (case/attr/* of the records, e.g. "
+                  "sex,age_band,view,site) to report every metric per subgroup for, with CIs, "
+                  "case counts, the worst group and the largest gap.")
+flags.DEFINE_integer("min_group_size", DEFAULT_MIN_GROUP_SIZE, "With --subgroups: groups with "
+                     "fewer cases are suppressed (shown as \"n < k\", no metrics).")
+flags.DEFINE_bool("use_temperature", True, "When --model_dir holds a temperature fitted on its "
+                  "validation split for the evaluated checkpoint (calibration.json), also "
+                  "report the temperature-scaled probabilities (what micle-export serves).")
 flags.DEFINE_bool("sweep", False, "Label-efficiency sweep instead of one evaluation.")
 flags.DEFINE_list("sweep_inits", None, "name:init_from pairs, e.g. none:none,micle:/tmp/micle "
                   "(init_from: a pretrain model_dir, imagenet_simclr:PATH or none).")
@@ -112,8 +127,12 @@ def main(argv):
         print(json.dumps({n: {k: r[k] for k in ("top1", "map", "chance_top1", "ci95")}
                           for n, r in result["reports"].items()}))
         return
+    if FLAGS.min_group_size < 1:
+        raise app.UsageError(f"--min_group_size must be >= 1, got {FLAGS.min_group_size}")
     kw = dict(level=FLAGS.level, n_boot=FLAGS.n_boot, seed=FLAGS.eval_seed,
-              out_dir=FLAGS.out_dir, which=FLAGS.which, batch_size=FLAGS.eval_batch_size)
+              out_dir=FLAGS.out_dir, which=FLAGS.which, batch_size=FLAGS.eval_batch_size,
+              subgroups=[s.strip() for s in FLAGS.subgroups if s.strip()] or None,
+              min_group_size=FLAGS.min_group_size, use_temperature=FLAGS.use_temperature)
     if FLAGS.shift_data_dir:
         out = ev.evaluate_shift(FLAGS.model_dir, FLAGS.data_dir, FLAGS.shift_data_dir,
                                 FLAGS.split, shift_split=FLAGS.shift_split, **kw)
@@ -123,9 +142,12 @@ def main(argv):
         metrics = ev.evaluate_model_dir(FLAGS.model_dir, FLAGS.data_dir, FLAGS.split, **kw)
         extra = {}
     keys = ("task", "level", "num_cases", "num_images", "top1", "top3", "auc_macro")
+    cal = metrics.get("calibration") or {}
+    if metrics.get("calibration_after"):
+        extra["ece_after_temperature"] = metrics["calibration_after"].get("ece")
     print(json.dumps({**{k: metrics.get(k) for k in keys}, "ci95": {
         k: metrics["ci95"].get(k) for k in ("top1", "auc_macro") if k in metrics["ci95"]},
-        **extra}))
+        "ece": cal.get("ece"), "brier": cal.get("brier"), **extra}))
 
 
 def run():

@@ -131,13 +131,15 @@ def _fmt_ci(ci: Optional[Sequence[Any]]) -> str:
 
 def write_report(metrics: Mapping[str, Any], path_md: PathLike,
                  plots: Optional[Union[Mapping[str, PathLike], Sequence[PathLike]]] = None,
-                 title: str = "Evaluation report") -> str:
+                 title: str = "Evaluation report",
+                 sections: Optional[Sequence[str]] = None) -> str:
     """Write a Markdown report of an ``evaluate_predictions`` dict; returns the path.
 
     Contents: run facts (task, level, cases/images, init_from, label_fraction, threshold,
     bootstrap resamples), a headline table (top-1, top-3, macro AUC with 95% CIs), a per-class
     table (AUC with CI, positives, and sensitivity/specificity with CIs for multilabel), binary
-    sensitivity/specificity where present, and image links to ``plots`` (a ``{caption: path}``
+    sensitivity/specificity where present, ``sections`` (further Markdown blocks, e.g.
+    calibration and subgroups, in order), and image links to ``plots`` (a ``{caption: path}``
     mapping or a list of paths), written relative to the report's folder.
     """
     path_md = os.fspath(path_md)
@@ -186,6 +188,8 @@ def write_report(metrics: Mapping[str, Any], path_md: PathLike,
     if skipped:
         lines += ["", "Bootstrap resamples skipped because the metric was undefined: "
                   + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + "."]
+    for section in sections or ():
+        lines += [""] + section.rstrip("\n").split("\n")
     if plots:
         items = plots.items() if isinstance(plots, Mapping) else (
             (os.path.splitext(os.path.basename(os.fspath(p)))[0], p) for p in plots)

@@ -141,3 +141,81 @@ def test_evaluate_cli(micle_run, ph2_records, tmp_path):
         assert shift["gap"][key] == pytest.approx(expected) == pytest.approx(printed["gap"][key])
         lo, hi = shift["gap_ci95"][key]
         assert lo <= hi
+
+
+# ------------------------------------------------------------- calibration and subgroups
+def test_calibration_always_reported(micle_run, ph2_records, tmp_path):
+    from micle_tf import inference, rundir
+    from micle_tf.evaluation import calibration, metrics
+
+    m = ev.evaluate_model_dir(micle_run, ph2_records, "test", n_boot=N_BOOT,
+                              out_dir=str(tmp_path), use_temperature=False)
+    model, cfg, _ = rundir.load_classifier(micle_run, "best")
+    case_ids, labels, probs = inference.predict_split(model, ph2_records, "test",
+                                                      cfg.model.image_size)
+    _, p, y = metrics.aggregate_by_case(case_ids, probs, labels)
+    want = calibration.calibration_report(y, p, "multiclass", m["label_names"], n_boot=N_BOOT)
+    for key in ("ece", "ece_equal_mass", "brier", "nll", "n_bins", "num_cases"):
+        assert m["calibration"][key] == pytest.approx(want[key]), key
+    for key in calibration.CALIBRATION_METRICS:
+        assert m["calibration"]["ci95"][key] == pytest.approx(want["ci95"][key]), key
+        lo, hi = m["calibration"]["ci95"][key]
+        assert lo <= m["calibration"][key] <= hi
+    assert (tmp_path / "reliability_test.png").exists()
+    assert "## Calibration" in (tmp_path / "report_test.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def attr_records(tmp_path_factory):
+    from tests.helpers import write_ph2_with_attributes
+    return write_ph2_with_attributes(tmp_path_factory.mktemp("ph2_attrs"))
+
+
+def test_subgroups_with_suppression(micle_run, attr_records, tmp_path):
+    from data_pipelines import reader
+    from micle_tf import inference, rundir
+    from micle_tf.evaluation import metrics, subgroups
+
+    k = 5
+    m = ev.evaluate_model_dir(micle_run, attr_records, "test", n_boot=N_BOOT,
+                              out_dir=str(tmp_path), subgroups=["sex", "age_band"],
+                              min_group_size=k, use_temperature=False)
+    # independent expectation: the records' attributes per test case, the case-level rows
+    attrs = reader.read_case_attributes(attr_records, "test")
+    model, cfg, _ = rundir.load_classifier(micle_run, "best")
+    case_ids, labels, probs = inference.predict_split(model, attr_records, "test",
+                                                      cfg.model.image_size)
+    ids, p, y = metrics.aggregate_by_case(case_ids, probs, labels)
+    rows = {a: [attrs[c][a] for c in ids] for a in ("sex", "age_band")}
+    want = subgroups.subgroup_report(y, p, "multiclass", m["label_names"], rows,
+                                     min_group_size=k, n_boot=N_BOOT)
+    got = m["subgroups"]
+    assert got["min_group_size"] == k and got["metrics"] == want["metrics"]
+    report = (tmp_path / "report_test.md").read_text()
+    suppressed = reported = 0
+    for a in ("sex", "age_band"):
+        counts = {v: rows[a].count(v) for v in set(rows[a])}
+        groups = got["attributes"][a]["groups"]
+        assert set(groups) == set(counts)
+        for value, n in counts.items():
+            g = groups[value]
+            if n < k:
+                suppressed += 1
+                assert g == {"n_cases": f"n < {k}", "suppressed": True}
+                assert f"| {value} | n < {k} |" in report
+            else:
+                reported += 1
+                assert g["n_cases"] == n and not g["suppressed"]
+                for metric in want["metrics"]:
+                    assert g[metric] == pytest.approx(want["attributes"][a]["groups"][value][
+                        metric]), (a, value, metric)
+                    assert g["ci95"][metric] == pytest.approx(
+                        want["attributes"][a]["groups"][value]["ci95"][metric])
+        assert got["attributes"][a]["worst"] == want["attributes"][a]["worst"]
+        assert got["attributes"][a]["gap"] == pytest.approx(want["attributes"][a]["gap"])
+    assert suppressed >= 1 and reported >= 3  # "90+" is small in a 30-lesion test split
+    assert "## Subgroups" in report and "**worst group**" in report
+    # an attribute the records lack is a clear error, before predicting
+    with pytest.raises(ValueError, match="no case carries the attribute"):
+        ev.evaluate_model_dir(micle_run, attr_records, "test", n_boot=0, out_dir=str(tmp_path),
+                              subgroups=["view"])

@@ -58,6 +58,9 @@ def error(fn, **kw):
     return None
 
 res["label_names"] = [s.decode() for s in m.signatures["get_label_names"]()["label_names"].numpy()]
+card = m.signatures["get_model_card"]()
+res["card"] = json.loads(card["model_card"].numpy().decode("utf-8"))
+res["card_md"] = card["model_card_markdown"].numpy().decode("utf-8")
 res["png"] = out(serve(image_bytes=tf.constant([read(p) for p in inputs["png"]])))
 res["jpeg"] = out(serve(image_bytes=tf.constant([read(p) for p in inputs["jpeg"]])))
 res["empty_batch"] = {k: v.shape.as_list()
@@ -111,6 +114,27 @@ def _model(seed):
     return cfg, model
 
 
+# A metrics file as micle-evaluate writes it (values made up); the card must copy its metrics
+# and leave out its paths.
+FAKE_METRICS = {
+    "task": "multiclass", "level": "case", "num_cases": 30, "num_images": 300,
+    "num_samples": 30, "threshold": 0.5, "n_boot": 200, "seed": 0, "label_fraction": 0.25,
+    "init_from": "/nonexistent/FAKE-INIT-DIR", "top1": 0.6, "top3": 0.9, "auc_macro": 0.71,
+    "auc_per_class": dict(zip(LABELS, (0.7, 0.65, 0.78))),
+    "support": dict(zip(LABELS, (17, 5, 8))),
+    "ci95": {"top1": [0.43, 0.77], "top3": [0.8, 1.0], "auc_macro": [0.55, 0.85],
+             **{f"auc/{n}": [0.5, 0.9] for n in LABELS}},
+    "ci95_skipped": {"top1": 0}, "split": "test", "data_dir": "/nonexistent/FAKE-DATA-DIR",
+    "model_dir": "/nonexistent/FAKE-MODEL-DIR", "label_names": LABELS,
+    "checkpoint": "/nonexistent/FAKE-MODEL-DIR/best/ckpt-5", "source": "ph2",
+    "calibration": {"task": "multiclass", "ece": 0.12, "ece_equal_mass": 0.15, "brier": 0.5,
+                    "nll": 0.9, "n_boot": 200,
+                    "ci95": {"ece": [0.05, 0.2], "ece_equal_mass": [0.08, 0.25],
+                             "brier": [0.4, 0.6], "nll": [0.8, 1.0]}},
+    "plots": {"Reliability diagram": "reliability_test.png"},
+}
+
+
 def _write_model_dir(path, cfg, model, folder, with_optimizer=False):
     os.makedirs(path)
     cfg.model_dir = path
@@ -145,7 +169,7 @@ def _encode(image, fmt):
 def _expected(model, images):
     outputs = model(tf.stack(images), training=False)
     return {"probabilities": tf.nn.softmax(outputs["logits"]).numpy(),
-            "embedding": outputs["embedding"].numpy()}
+            "embedding": outputs["embedding"].numpy(), "logits": outputs["logits"].numpy()}
 
 
 def _evaluation_preprocess(data):
@@ -177,6 +201,8 @@ def env(tmp_path_factory, request):
         cfg, model = _model(seed=1)
         model_dir = os.path.join(root, "model_dir")
         _write_model_dir(model_dir, cfg, model, "best")
+        with open(os.path.join(model_dir, "metrics_test.json"), "w") as f:
+            json.dump(FAKE_METRICS, f)
         export_dir = os.path.join(root, "serving", "1")
         summary = serving.export_saved_model(model_dir, export_dir)
 
@@ -238,7 +264,7 @@ def env(tmp_path_factory, request):
 
         yield types.SimpleNamespace(
             root=root, model_dir=model_dir, export_dir=export_dir, summary=summary,
-            expected=expected, loaded=loaded, show=show, cli=cli,
+            expected=expected, loaded=loaded, show=show, cli=cli, model=model,
             cli_model_dir=cli_model_dir, cli_export=cli_export)
     finally:
         for proc in procs:
@@ -257,8 +283,12 @@ def test_export_summary_and_files(env):
     s = env.summary
     assert s["checkpoint"] == "best" and s["step"] == 5
     assert s["label_names"] == LABELS and s["task"] == "multiclass" and s["image_size"] == SIZE
-    assert s["signatures"] == ["get_label_names", "serve_pixels", "serving_default"]
+    assert s["signatures"] == ["get_label_names", "get_model_card", "serve_pixels",
+                               "serving_default"]
+    assert s["temperature"] is None  # no calibration.json in this model_dir
     assert os.path.exists(os.path.join(env.export_dir, "saved_model.pb"))
+    for name in ("model_card.json", "model_card.md"):
+        assert os.path.getsize(os.path.join(env.export_dir, "assets", name)) > 0
     with open(os.path.join(env.export_dir, "assets", "label_names.txt")) as f:
         assert f.read().splitlines() == LABELS
     with open(os.path.join(env.export_dir, "assets.extra", "micle_export.json")) as f:
@@ -287,7 +317,8 @@ def test_export_refuses_non_empty_dir_and_bad_arguments(env, tmp_path):
 def test_loads_with_tensorflow_only_and_serves_png(env):
     res = env.loaded()
     assert res["modules"] == []  # neither micle_tf nor data_pipelines was imported
-    assert res["signatures"] == ["get_label_names", "serve_pixels", "serving_default"]
+    assert res["signatures"] == ["get_label_names", "get_model_card", "serve_pixels",
+                                 "serving_default"]
     assert res["label_names"] == LABELS
     probs = np.array(res["png"]["probabilities"])
     assert probs.shape == (4, 3)
@@ -329,14 +360,16 @@ def test_saved_model_cli_lists_signatures(env):
     out, err, rc = env.show.result()
     assert rc == 0, err[-3000:]
     for text in ("signature_def['serving_default']", "signature_def['serve_pixels']",
-                 "signature_def['get_label_names']", "inputs['image_bytes']",
+                 "signature_def['get_label_names']", "signature_def['get_model_card']",
+                 "outputs['model_card']", "inputs['image_bytes']",
                  "inputs['images']", "outputs['probabilities']", "outputs['embedding']",
                  "outputs['label_names']", "DT_STRING"):
         assert text in out, text
 
 
 def test_export_holds_no_paths_or_case_ids(env):
-    needles = [env.root, env.model_dir, "records-data-dir", "/tmp", *FAKE_CASE_IDS]
+    needles = [env.root, env.model_dir, "records-data-dir", "/tmp", "/nonexistent",
+               "FAKE-INIT-DIR", "FAKE-DATA-DIR", "FAKE-MODEL-DIR", *FAKE_CASE_IDS]
     for folder, _, files in os.walk(env.export_dir):
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
@@ -373,5 +406,111 @@ def test_multilabel_module_in_process():
     logits = model(tf.constant(images), training=False)["logits"]
     np.testing.assert_allclose(got["probabilities"].numpy(), tf.sigmoid(logits).numpy(),
                                atol=1e-5)
+    # one temperature per class: sigmoid(logits_c / T_c), calibration.apply_temperature's
+    from micle_tf.evaluation import calibration
+    t = [0.5, 3.0]
+    scaled = serving.build_serving_module(model, ["effusion", "edema"], SIZE, "multilabel",
+                                          temperature=t)
+    np.testing.assert_allclose(
+        scaled.serve_pixels(tf.constant(images))["probabilities"].numpy(),
+        calibration.apply_temperature(logits.numpy(), t, "multilabel", from_logits=True),
+        atol=1e-5)
+    for bad in ([1.0], [1.0, -1.0], [[1.0, 1.0]]):
+        with pytest.raises(ValueError, match="temperature"):
+            serving.build_serving_module(model, ["effusion", "edema"], SIZE, "multilabel",
+                                         temperature=bad)
     assert [s.decode() for s in module.get_label_names()["label_names"].numpy()] == [
         "effusion", "edema"]
+
+
+def test_model_card_from_signature_in_fresh_process(env):
+    """The card the signature returns (TensorFlow only) is the asset, and its metrics are the
+    metrics file's."""
+    res = env.loaded()
+    card = res["card"]
+    with open(os.path.join(env.export_dir, "assets", "model_card.json")) as f:
+        assert json.load(f) == card
+    with open(os.path.join(env.export_dir, "assets", "model_card.md")) as f:
+        assert f.read() == res["card_md"]
+    ev = card["evaluation"]
+    assert ev["available"] and ev["split"] == "test" and ev["metrics_file"] == "metrics_test.json"
+    from micle_tf.export.model_card import METRIC_KEYS
+    assert ev["metrics"] == {k: FAKE_METRICS[k] for k in METRIC_KEYS if k in FAKE_METRICS}
+    assert ev["calibration"] == FAKE_METRICS["calibration"]
+    assert ev["checkpoint_matches_export"] is True
+    assert card["model"]["label_names"] == LABELS and card["model"]["input"]["image_size"] == SIZE
+    assert card["model"]["init"]["kind"] == "none"
+    assert card["calibration"]["temperature_scaling"] is False
+    assert "not a medical device" in card["intended_use"]
+    assert any("small (30 cases)" in t for t in card["limitations"])
+    assert any("PH² patches are 32 x 32 px" in t for t in card["limitations"])
+    assert any("Azizi" in t for t in card["citation"]["method"])
+    md = res["card_md"]
+    for needle in ("## Intended use", "## Out-of-scope use", "## Limitations", "## Citation",
+                   "| Macro AUC | 0.710 | [0.550, 0.850] |", "ECE (equal-width bins)"):
+        assert needle in md, needle
+
+
+def test_export_applies_the_fitted_temperature(env, tmp_path):
+    """calibration.json for the exported checkpoint -> the signatures serve
+    softmax(logits / T) = calibration.apply_temperature of the uncalibrated outputs."""
+    from micle_tf.evaluation import calibration
+
+    model_dir = str(tmp_path / "calibrated_model_dir")
+    shutil.copytree(env.model_dir, model_dir)
+    t = 2.5
+    with open(os.path.join(model_dir, "calibration.json"), "w") as f:
+        json.dump({"task": "multiclass", "temperature": t, "per_class": False,
+                   "formula": "softmax(logits / T)", "nll_before": 1.2, "nll_after": 1.0,
+                   "fitted_on": {"split": "val", "level": "image", "num_cases": 30,
+                                 "num_images": 300, "data_dir": str(tmp_path / "SECRET-VAL")},
+                   "checkpoint": {"which": "best", "step": 5}}, f)
+    export_dir = str(tmp_path / "export")
+    summary = serving.export_saved_model(model_dir, export_dir)
+    assert summary["temperature"] == t
+    loaded = tf.saved_model.load(export_dir)
+    pixels = np.load(os.path.join(env.root, "inputs", "pixels.npy"))
+    got = loaded.signatures["serve_pixels"](images=tf.constant(pixels))
+    probs = got["probabilities"].numpy()
+    want = env.expected["pixels"]
+    np.testing.assert_allclose(probs, calibration.apply_temperature(
+        want["logits"], t, "multiclass", from_logits=True), atol=1e-5)
+    np.testing.assert_allclose(probs, calibration.apply_temperature(
+        want["probabilities"], t, "multiclass"), atol=1e-4)
+    np.testing.assert_allclose(got["embedding"].numpy(), want["embedding"], atol=1e-5)
+    assert np.abs(probs - want["probabilities"]).max() > 1e-3  # T really changed them
+    card = json.loads(loaded.signatures["get_model_card"]()["model_card"].numpy())
+    assert card["calibration"]["temperature_scaling"] and card["calibration"]["temperature"] == t
+    assert card["calibration"]["fitted_on"] == {"split": "val", "level": "image",
+                                                "num_cases": 30, "num_images": 300}
+    with open(os.path.join(export_dir, "assets.extra", "micle_export.json")) as f:
+        info = json.load(f)
+    assert info["calibration"]["temperature"] == t and "T = 2.5" in info["output"]
+    for folder, _, files in os.walk(export_dir):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert b"SECRET-VAL" not in f.read(), name
+    # --noapply_calibration serves the raw softmax; a temperature of another checkpoint is unused
+    raw = serving.export_saved_model(model_dir, str(tmp_path / "raw"), apply_calibration=False)
+    assert raw["temperature"] is None
+    with open(os.path.join(model_dir, "calibration.json")) as f:
+        stale = json.load(f)
+    stale["checkpoint"]["step"] = 6
+    with open(os.path.join(model_dir, "calibration.json"), "w") as f:
+        json.dump(stale, f)
+    assert serving.export_saved_model(model_dir, str(tmp_path / "stale"))["temperature"] is None
+
+
+def test_card_refuses_paths_and_takes_user_text(env, tmp_path):
+    with pytest.raises(ValueError, match="file path"):
+        serving.export_saved_model(env.model_dir, str(tmp_path / "a"),
+                                   intended_use=f"see {env.model_dir}/notes")
+    out = serving.export_saved_model(env.model_dir, str(tmp_path / "b"),
+                                     intended_use="Teaching only.",
+                                     out_of_scope_use=["Anything clinical."],
+                                     limitations=["Only adults."])
+    with open(os.path.join(out["export_dir"], "assets", "model_card.json")) as f:
+        card = json.load(f)
+    assert card["intended_use"] == "Teaching only."
+    assert card["out_of_scope_use"] == ["Anything clinical."]
+    assert card["limitations"][-1] == "Only adults." and len(card["limitations"]) > 2
