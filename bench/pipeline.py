@@ -83,6 +83,9 @@ def parse_npc(value):
     return int(value), str(int(value))
 
 
+BENCH_JITTER_STRENGTH = 1.0
+
+
 def build_stage(stage, data_dir, image_size, batch_size, npc, augment="derm", reader=None,
                 augment_fn=None):
     """(dataset, kind) for one stage; kind is 'records' (raw/parse) or 'batches'.
@@ -116,8 +119,11 @@ def build_stage(stage, data_dir, image_size, batch_size, npc, augment="derm", re
         raise ValueError(f"unknown stage {stage!r}")
     fn = None
     if "noaug" not in options:
+        # colour jitter at every size (the small-image default has none, so nothing to place):
+        # the benchmark measures the SimCLR-style recipe's cost and where it runs
         fn = augment_fn or build_augment(augment, image_size,
-                                         "device" if "device" in options else "host")
+                                         "device" if "device" in options else "host",
+                                         color_jitter_strength=BENCH_JITTER_STRENGTH)
     extra = {"cache_decoded": True} if "cached" in options else {}
     ds = reader.make_dataset(data_dir, "train", mode, batch_size, image_size, augment_fn=fn,
                              training=True, num_parallel_calls=npc, info=info, **extra)

@@ -127,7 +127,9 @@ def run_child(cfg):
                                             width_multiplier=int(wm) if wm == int(wm) else wm),
                           batch_size=batch, optimizer=cfg["optimizer"],
                           augment=device_augment or "derm",
-                          augment_placement="device" if device_augment else "host")
+                          augment_placement="device" if device_augment else "host",
+                          # jitter at every size: the small-image default has nothing to place
+                          color_jitter_strength=1.0 if device_augment == "derm" else None)
     t0 = time.perf_counter()
     model = build_pretraining_model(pcfg, num_classes=cfg["probe_classes"], task="multiclass")
     schedule = WarmupCosineDecay(scale_learning_rate(pcfg.learning_rate, batch, "linear"),
@@ -147,7 +149,7 @@ def run_child(cfg):
                                                   size=(batch,)).astype("int32"))}
         if device_augment:  # per-view draws, as the reader makes them
             from micle_tf.augment import post_crop
-            post = post_crop(device_augment)
+            post = post_crop(device_augment, size, pcfg.color_jitter_strength)
             for k, view in enumerate(("view1", "view2")):
                 data[f"{view}_augment_params"] = tf.identity(tf.stack(
                     [post.draw(tf.constant([k, i], tf.int64)) for i in range(batch)]))

@@ -138,7 +138,7 @@ copies of "a" patches and are rejected), labelled with the lesion's asymmetry gr
 
 `QUICK = True` is a smoke run (a tiny ResNet-18, a few steps; a few minutes on a CPU): it
 shows every step working, but its metrics mean nothing. `QUICK = False` uses the
-settings of `micle-demo` (150 pretraining steps, 15 fine-tuning epochs). Everything is written
+settings of `micle-demo` (300 pretraining steps, 15 fine-tuning epochs). Everything is written
 under `WORKDIR`; running the notebook again reuses finished stages (delete the folder to start
 over).
 """),
@@ -170,12 +170,14 @@ IMAGE_SIZE = 32  # PH² patches are 32x32
 if QUICK:
     MODEL = ModelConfig(backbone="resnet18", width_multiplier=0.125, image_size=IMAGE_SIZE,
                         proj_out_dim=32)
-    PRETRAIN = dict(batch_size=32, train_steps=6, steps_per_epoch=2, knn_monitor=False)
+    PRETRAIN = dict(batch_size=32, train_steps=6, steps_per_epoch=2, warmup_epochs=1,
+                    knn_monitor=False)
     FINETUNE = dict(batch_size=32, train_steps=2, steps_per_epoch=2)
     N_BOOT = 50
 else:
     MODEL = ModelConfig(backbone="resnet18", width_multiplier=0.25, image_size=IMAGE_SIZE)
-    PRETRAIN = dict(batch_size=64, train_steps=150, knn_monitor=True)
+    PRETRAIN = dict(batch_size=64, train_steps=300, steps_per_epoch=50, warmup_epochs=0.5,
+                    knn_monitor=True)
     FINETUNE = dict(batch_size=32, train_epochs=15)
     N_BOOT = 1000
 
@@ -261,7 +263,7 @@ influence the encoder.
 def pretrain(method):
     model_dir = os.path.join(RUN, f"pretrain_{method}")
     cfg = PretrainConfig(method=method, data_dir=RECORDS, model_dir=model_dir, model=MODEL,
-                         learning_rate=1.0, warmup_epochs=1, temperature=0.2, seed=SEED,
+                         learning_rate=1.0, temperature=0.2, seed=SEED,
                          verbose=2, **PRETRAIN)
     summary = finished_summary(model_dir, PRETRAIN_SUMMARY)
     if summary is None:
@@ -428,13 +430,15 @@ if QUICK:
     N_CASES, IMAGES_PER_CASE = 40, 4  # half symmetric, half asymmetric lesions
     MODEL = ModelConfig(backbone="resnet18", width_multiplier=0.125, image_size=32,
                         proj_out_dim=32)
-    PRETRAIN = dict(batch_size=16, train_steps=4, steps_per_epoch=2, knn_monitor=False)
+    PRETRAIN = dict(batch_size=16, train_steps=4, steps_per_epoch=2, warmup_epochs=1,
+                    knn_monitor=False)
     FINETUNE = dict(batch_size=32, train_steps=2, steps_per_epoch=2)
     N_BOOT = 50
 else:
     N_CASES, IMAGES_PER_CASE = None, 10  # None: all 199 lesions
     MODEL = ModelConfig(backbone="resnet18", width_multiplier=0.25, image_size=32)
-    PRETRAIN = dict(batch_size=64, train_steps=150, knn_monitor=True)
+    PRETRAIN = dict(batch_size=64, train_steps=300, steps_per_epoch=50, warmup_epochs=0.5,
+                    knn_monitor=True)
     FINETUNE = dict(batch_size=32, train_epochs=15)
     N_BOOT = 1000
 
@@ -565,7 +569,7 @@ if finished_summary(pretrain_dir, PRETRAIN_SUMMARY) is None:
     keras.utils.clear_session()
     s = run_pretraining(PretrainConfig(
         method="micle", data_dir=MY_RECORDS, model_dir=pretrain_dir, model=MODEL,
-        learning_rate=1.0, warmup_epochs=1, temperature=0.2, seed=SEED, verbose=2, **PRETRAIN))
+        learning_rate=1.0, temperature=0.2, seed=SEED, verbose=2, **PRETRAIN))
     losses = [round(x, 3) for x in s["history"]["loss"]]
     print(f"MICLe: {s['final_step']} steps, loss per epoch {losses}")
 

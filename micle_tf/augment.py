@@ -16,9 +16,10 @@ Size scaling (`preset_settings(preset, image_size, color_jitter_strength, crop_a
 resolves a preset at a size; `build_augment` and `post_crop` use it): the blur kernel stays
 SimCLR's 10% of the side, sigma is U(0.1, 2.0) * side / 224 and blur is skipped when the
 kernel would be under 3 taps (sides < 20 px). Images of <= ``SMALL_IMAGE_MAX_SIZE`` (64) px
-take ``SMALL_IMAGE_DEFAULTS`` instead of the 224-px values: for "derm" a PROVISIONAL
-CIFAR-like set (SimCLR uses jitter 0.5 and no blur for 32-px CIFAR): jitter strength 0.5,
-no blur, grayscale p=0.2, crop area 0.2-1. ``color_jitter_strength`` and ``crop_area_min``
+take ``SMALL_IMAGE_DEFAULTS`` instead of the 224-px values: for "derm", measured on the PH²
+patches (docs/augmentation_sweep.md), crop (area 0.08-1) + flip only: no colour jitter, no
+grayscale, no blur (SimCLR itself drops blur and halves the jitter for 32-px CIFAR; here any
+colour change erased the signal). ``color_jitter_strength`` and ``crop_area_min``
 override the defaults for any size.
 
 Every preset is a random resized crop followed by `PostCrop` ops whose random draws are made
@@ -455,14 +456,18 @@ _RECIPES = {
 }
 
 # Images of at most SMALL_IMAGE_MAX_SIZE px per side use these values instead of the
-# reference ones (keys of `_RECIPES`). PROVISIONAL: a CIFAR-like set in the spirit of SimCLR's
-# 32-px CIFAR-10 recipe (colour jitter strength 0.5, no blur), grayscale kept, crop floor 0.2,
-# because at 32 px the ImageNet set erases what tells one skin patch from another. The final
-# values are to be chosen from the measured sweep (bench/augment_sweep.py) and written here.
+# reference ones (keys of `_RECIPES`). MEASURED (docs/augmentation_sweep.md, reproduced by
+# bench/augment_sweep.py): on the deduplicated PH² patches at 32 px, colour jitter strength
+# 0 / 0.25 / 0.5 / 1.0 x crop floor 0.08 / 0.2 / 0.5 x SimCLR/MICLe, 300 steps, judged on the
+# validation split. Any colour jitter cut held-out same-lesion retrieval (SimCLR 0.49 -> 0.39 at
+# strength 0.25 -> 0.20 at 1.0; MICLe 0.57 -> 0.29 -> 0.22) and pushed the contrastive accuracy
+# towards chance; dropping grayscale too raised it again (SimCLR 0.49 -> 0.61, MICLe 0.57 ->
+# 0.58, contrastive accuracy 0.63 -> 0.92 and 0.16 -> 0.24). At this size the colour is what
+# tells one skin patch from another. So: SimCLR's own crop floor 0.08, flip, nothing else.
 SMALL_IMAGE_MAX_SIZE = 64
-SMALL_IMAGE_DEFAULTS_STATUS = "provisional"  # -> "measured" once the sweep's values are in
+SMALL_IMAGE_DEFAULTS_STATUS = "measured"
 SMALL_IMAGE_DEFAULTS = {
-    "derm": dict(crop_area_min=0.2, color_jitter_strength=0.5, gray_p=0.2, blur_p=0.0),
+    "derm": dict(crop_area_min=0.08, color_jitter_strength=0.0, gray_p=0.0, blur_p=0.0),
 }
 
 
@@ -501,7 +506,7 @@ def preset_settings(preset, image_size, color_jitter_strength=None, crop_area_mi
     of the crop's area fraction, in (0, 1]). The blur kernel is 10% of the side and sigma is
     U(0.1, 2.0) * side / 224; blur is skipped (blur_p 0) when the kernel is under 3 taps.
 
-    Returns a dict: preset, image_size, size_defaults ("reference" or "small (provisional)"),
+    Returns a dict: preset, image_size, size_defaults ("reference" or "small (measured)"),
     crop_area_range, aspect_ratio_range, flip, max_degrees, color_jitter_strength, jitter_p,
     hue, saturation, gray_p, blur_p, blur_sigma_range and blur_kernel_size (both None without
     blur). `build_augment` and `post_crop` build their ops from it.
@@ -619,7 +624,10 @@ def build_augment(preset, image_size, placement="host", color_jitter_strength=No
 
     if placement == "device":
         if not post.has_photometric:
-            raise ValueError(f"preset {preset!r} has no photometric ops to run on the device")
+            raise ValueError(
+                f"preset {preset!r} at {size} px has no photometric ops to run on the device "
+                "(small images default to crop + flip only); use --augment_placement=host, "
+                "or add colour jitter with --color_jitter_strength")
 
         def crop_geometric_and_draw(image, seed):
             crop, params = crop_and_draw(image, seed)

@@ -139,7 +139,6 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}; wall time per stage: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
-        "",
         f"- Pretraining augmentation ({s.augment} preset resolved for {s.image_size} px): "
         + _recipe(s) + ".",
         "",

@@ -319,8 +319,8 @@ def test_post_crop_draws_follow_the_preset(preset, size):
     col = {name: d[:, i] for i, name in enumerate(post.param_names)}
     expected = {("derm", None): dict(jitter=0.8, gray=0.2, blur=0.5, ops=4, strength=1.0,
                                      degrees=0),
-                # the provisional small-image defaults: milder jitter, no blur
-                ("derm", 32): dict(jitter=0.8, gray=0.2, blur=0.0, ops=4, strength=0.5,
+                # the measured small-image defaults: crop + flip only
+                ("derm", 32): dict(jitter=0.0, gray=0.0, blur=0.0, ops=0, strength=0.0,
                                    degrees=0),
                 ("cxr", None): dict(jitter=0.8, gray=0.0, blur=0.0, ops=2, strength=0.5,
                                     degrees=20)}
@@ -335,9 +335,12 @@ def test_post_crop_draws_follow_the_preset(preset, size):
                   else (1 - 0.8 * e["strength"], 1 + 0.8 * e["strength"]))
         v = col[f"factor_{op}"]
         assert lo <= v.min() < lo + 0.02 and hi - 0.02 < v.max() <= hi, op
-    orders = np.stack([col[f"order_{i}"] for i in range(e["ops"])], 1)
-    assert (np.sort(orders, 1) == np.arange(e["ops"])).all()  # a permutation per view
-    assert len({tuple(o) for o in orders}) == math.factorial(e["ops"])  # all of them occur
+    if e["ops"]:
+        orders = np.stack([col[f"order_{i}"] for i in range(e["ops"])], 1)
+        assert (np.sort(orders, 1) == np.arange(e["ops"])).all()  # a permutation per view
+        assert len({tuple(o) for o in orders}) == math.factorial(e["ops"])  # all occur
+    else:  # no jitter: no factor or order columns at all
+        assert not any(n.startswith(("factor_", "order_")) for n in post.param_names)
     if e["degrees"]:
         assert -20 <= col["angle"].min() < -19 and 19 < col["angle"].max() <= 20
     else:
@@ -348,15 +351,25 @@ def test_post_crop_draws_follow_the_preset(preset, size):
 
 @pytest.mark.parametrize("preset,size", [("derm", 40), ("derm", 72), ("cxr", 40)])
 def test_photometric_ops_match_numpy_on_host_and_device(preset, size):
+    # derm at 40 px: the small-image table (crop + flip only) plus colour jitter 0.5 and
+    # grayscale, so there are photometric ops to place; blur stays off at small sizes.
+    strength = 0.5 if (preset, size) == ("derm", 40) else None
     """The per-image host kernels and the batched device ops both equal a numpy reference,
     and a host-placed view equals crop + geometric on the host then the device ops.
     derm at 40 px takes the small-image defaults (no blur); at 72 px the 224-px recipe with
     the blur scaled to the size (kernel 7, sigma U(0.1, 2.0) * 72 / 224)."""
-    post = A.post_crop(preset, size)
-    settings = A.preset_settings(preset, size)
+    gray = {"gray_p": 0.2} if strength else {}
+    old = dict(A.SMALL_IMAGE_DEFAULTS["derm"])
+    A.SMALL_IMAGE_DEFAULTS["derm"].update(gray)
+    try:
+        post = A.post_crop(preset, size, strength)
+        settings = A.preset_settings(preset, size, strength)
+        host = A.build_augment(preset, size, color_jitter_strength=strength)
+        device = A.build_augment(preset, size, placement="device",
+                                 color_jitter_strength=strength)
+    finally:
+        A.SMALL_IMAGE_DEFAULTS["derm"] = old
     radius = (settings["blur_kernel_size"] or 1) // 2
-    host = A.build_augment(preset, size)
-    device = A.build_augment(preset, size, placement="device")
     rng = np.random.RandomState(3)
     images = [rng.rand(rng.randint(30, 70), rng.randint(30, 70), 3).astype(np.float32)
               for _ in range(24)]
@@ -395,7 +408,7 @@ def test_device_placement_rejects_presets_without_photometric_ops():
 
 # ----------------------------------------------------------------------------- size-scaled presets
 def test_preset_settings_resolve_by_size():
-    """224 px is SimCLR's ImageNet set exactly; <= 64 px the provisional small-image table;
+    """224 px is SimCLR's ImageNet set exactly; <= 64 px the measured small-image table;
     in between the 224-px recipe with the blur scaled to the size."""
     s224 = A.preset_settings("derm", 224)
     assert s224 == {
@@ -411,9 +424,9 @@ def test_preset_settings_resolve_by_size():
     s32 = A.preset_settings("derm", 32)
     assert A.SMALL_IMAGE_MAX_SIZE == 64 and A.preset_settings("derm", 64) == dict(
         s32, image_size=64)
-    assert s32["size_defaults"] == "small (provisional)"
-    assert s32["crop_area_range"] == (0.2, 1.0) and s32["color_jitter_strength"] == 0.5
-    assert s32["jitter_p"] == 0.8 and s32["gray_p"] == 0.2
+    assert s32["size_defaults"] == "small (measured)"
+    assert s32["crop_area_range"] == (0.08, 1.0) and s32["color_jitter_strength"] == 0.0
+    assert s32["jitter_p"] == 0.0 and s32["gray_p"] == 0.0
     assert s32["blur_p"] == 0.0 and s32["blur_sigma_range"] is None
     assert s32["blur_kernel_size"] is None
     assert A.preset_settings("derm", 65)["blur_kernel_size"] == 7  # 65 // 10 = 6 -> 7 taps
@@ -425,7 +438,7 @@ def test_preset_settings_resolve_by_size():
     # Overrides.
     o = A.preset_settings("derm", 32, color_jitter_strength=0.25, crop_area_min=0.5)
     assert o["color_jitter_strength"] == 0.25 and o["crop_area_range"] == (0.5, 1.0)
-    assert o == dict(s32, color_jitter_strength=0.25, crop_area_range=(0.5, 1.0))
+    assert o == dict(s32, color_jitter_strength=0.25, crop_area_range=(0.5, 1.0), jitter_p=0.8)
     off = A.preset_settings("derm", 224, color_jitter_strength=0)
     assert off["color_jitter_strength"] == 0.0 and off["jitter_p"] == 0.0
     assert A.preset_settings("finetune", 224, color_jitter_strength=0)["jitter_p"] == 0.0
@@ -500,29 +513,25 @@ def test_blur_applied_uses_the_scaled_kernel_and_sigma(size):
         assert np.abs(_np_blur(img, 2.0, kernel // 2) - ref).max() > 1e-2
 
 
-def test_color_strength_zero_leaves_colours_to_grayscale_only():
-    """Strength 0: no jitter ops; the photometric part is the identity unless the view drew
-    grayscale (and no blur at 32 px), on host and device."""
-    post = A.post_crop("derm", 32, color_jitter_strength=0)
-    assert post.jitter_ops == () and post.blur_p == 0.0 and post.gray_p == 0.2
-    host = A.build_augment("derm", 32, color_jitter_strength=0)
-    device = A.build_augment("derm", 32, placement="device", color_jitter_strength=0)
+def test_small_image_default_is_crop_and_flip_only():
+    """The measured small-image recipe has no photometric op: the host view is the crop and
+    flip alone, and device placement, with nothing to move, is refused with a clear error.
+    Strength 0 at a larger size removes the jitter but keeps grayscale and blur."""
+    post = A.post_crop("derm", 32)
+    assert post.jitter_ops == () and post.gray_p == 0.0 and post.blur_p == 0.0
+    assert not post.has_photometric
+    with pytest.raises(ValueError, match="no photometric ops"):
+        A.build_augment("derm", 32, placement="device")
+    host = A.build_augment("derm", 32)
     img = _gradient(40, 56)
-    gray_col = post.param_names.index("gray")
-    kinds = set()
-    for k in range(16):
+    for k in range(8):
         seed = tf.constant([k, 9], tf.int64)
-        view, params = (t.numpy() for t in device(img, seed))
-        out = host(img, seed).numpy()
-        np.testing.assert_allclose(
-            post.apply_photometric_batch(view[None], params[None]).numpy()[0], out, atol=1e-6)
-        if params[gray_col] > 0.5:
-            np.testing.assert_allclose(out, A.to_grayscale(view).numpy(), atol=1e-6)
-            kinds.add("gray")
-        else:
-            np.testing.assert_array_equal(out, view)  # colour statistics untouched
-            kinds.add("identity")
-    assert kinds == {"gray", "identity"}
+        crop_seed, post_seed = A._split(seed, 2)
+        crop = A.random_resized_crop(img, crop_seed, 32, area_range=(0.08, 1.0))
+        want = A._finish(post.apply_geometric(crop, post.draw(post_seed)), 32)
+        np.testing.assert_array_equal(host(img, seed).numpy(), want.numpy())
+    big = A.post_crop("derm", 96, color_jitter_strength=0)
+    assert big.jitter_ops == () and big.gray_p == 0.2 and big.blur_p == 0.5
 
 
 @pytest.mark.parametrize("strength", [0.25, 0.5, 1.5])
@@ -560,10 +569,11 @@ def _crop_areas(fn, n, h=200, w=200):
     return np.array(areas)
 
 
-@pytest.mark.parametrize("size,crop_area_min,floor", [(48, None, 0.2), (96, None, 0.08),
-                                                      (48, 0.08, 0.08), (48, 0.5, 0.5)])
+@pytest.mark.parametrize("size,crop_area_min,floor", [(48, None, 0.08), (96, None, 0.08),
+                                                      (48, 0.2, 0.2), (48, 0.5, 0.5)])
 def test_crop_floor_reaches_the_crop(size, crop_area_min, floor):
-    fn = A.build_augment("derm", size, placement="device", crop_area_min=crop_area_min)
+    fn = A.build_augment("derm", size, placement="device", crop_area_min=crop_area_min,
+                         color_jitter_strength=0.5)  # device: a view + params per draw
     assert A.preset_settings("derm", size, crop_area_min=crop_area_min)["crop_area_range"] == (
         floor, 1.0)
     areas = _crop_areas(fn, 40)
@@ -573,7 +583,7 @@ def test_crop_floor_reaches_the_crop(size, crop_area_min, floor):
         assert areas.min() < 0.2
 
 
-@pytest.mark.parametrize("strength,crop_area_min", [(None, None), (1.0, 0.5), (0.0, 0.08)])
+@pytest.mark.parametrize("strength,crop_area_min", [(0.25, None), (1.0, 0.5), (0.5, 0.08)])
 def test_overrides_keep_host_device_identity_and_determinism(strength, crop_area_min):
     kwargs = dict(color_jitter_strength=strength, crop_area_min=crop_area_min)
     host = A.build_augment("derm", 32, **kwargs)
@@ -592,11 +602,11 @@ def test_overrides_keep_host_device_identity_and_determinism(strength, crop_area
 
 def test_size_less_post_crop_finishes_small_image_views():
     """`ContrastiveModel(device_augment="derm")` calls `post_crop("derm")`: it applies views
-    drawn at 32 px (default or any strength > 0) exactly like `post_crop("derm", 32)`; a
+    drawn at 32 px (any strength > 0) exactly like `post_crop("derm", 32)`; a
     different op layout (strength 0) is refused instead of misread."""
     rng = np.random.RandomState(4)
     imgs = [rng.rand(40, 40, 3).astype(np.float32) for _ in range(12)]
-    for strength in (None, 1.0):
+    for strength in (0.5, 1.0):
         device = A.build_augment("derm", 32, placement="device", color_jitter_strength=strength)
         views, params = zip(*[device(x, tf.constant([k, 2], tf.int64))
                               for k, x in enumerate(imgs)])
@@ -605,7 +615,7 @@ def test_size_less_post_crop_finishes_small_image_views():
         got = A.post_crop("derm").apply_photometric_batch(views, params)
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
         assert np.abs(want.numpy() - views.numpy()).max() > 0.05
-    device = A.build_augment("derm", 32, placement="device", color_jitter_strength=0)
+    device = A.build_augment("derm", 96, placement="device", color_jitter_strength=0)
     view, params = device(imgs[0], SEED)
     with pytest.raises(ValueError, match="params have 6 columns"):
         A.post_crop("derm").apply_photometric_batch(view[None], params[None])

@@ -104,31 +104,38 @@ def _same_lesion_top1(encoder, data_dir):
 
 
 @pytest.mark.slow
-def test_pretraining_learns_same_lesion_structure(ph2_records, tmp_path):
-    """Catches a silently broken loss or gradient path. Patches of one held-out lesion (test
-    split, never trained on) should become each other's nearest neighbours. Measured on this
-    machine (resnet18 width 0.25, 32 px, batch 64, 40 steps, seed 0): top-1 same-lesion
-    retrieval rose from 0.68 at initialisation to 0.84 with SimCLR (0.76 with MICLe); we
-    assert half the SimCLR gain."""
-    cfg = tiny_cfg(ph2_records, tmp_path / "learn", method="simclr", batch_size=64,
+@pytest.mark.parametrize("method", ["simclr", "micle"])
+def test_pretraining_learns_same_lesion_structure(ph2_records, tmp_path, method):
+    """Catches a silently broken loss, gradient or pair path. Patches of one held-out lesion
+    (test split, never trained on) should become each other's nearest neighbours. Both runs
+    start from one saved encoder (init_checkpoint), so "before" is the very encoder trained.
+    Measured on this machine (resnet18 width 0.25, 32 px, batch 64, 40 steps, the 32-px
+    default crop + flip, deduplicated PH²): top-1 same-lesion retrieval rose from 0.27 to 0.55
+    with SimCLR and to 0.62 with MICLe (chance 0.03); we assert half the smaller gain."""
+    cfg = tiny_cfg(ph2_records, tmp_path / "learn", method=method, batch_size=64,
                    train_steps=40, steps_per_epoch=None, learning_rate=1.0, temperature=0.2,
                    model=C.ModelConfig(backbone="resnet18", width_multiplier=0.25,
-                                       image_size=32))
+                                       image_size=32), init_checkpoint=str(tmp_path / "start"))
     keras.utils.set_random_seed(1)
-    before = _same_lesion_top1(build_pretraining_model(cfg, 3).encoder, ph2_records)
+    start = build_pretraining_model(cfg, 3)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=start), str(tmp_path / "start"),
+                               max_to_keep=1).save(checkpoint_number=0)
+    before = _same_lesion_top1(start.encoder, ph2_records)
     run_pretraining(cfg)
     trained = build_pretraining_model(cfg, 3)
     load_encoder_weights(trained.encoder, cfg.model_dir)
     after = _same_lesion_top1(trained.encoder, ph2_records)
-    assert after >= before + 0.08, (before, after)
+    assert after >= before + 0.14, (before, after)
 
 
 def test_device_placed_augmentation_trains_like_host_placed(ph2_records, tmp_path):
     """--augment_placement=device moves the photometric ops into the train step: same seed,
     same views (to float rounding), so the same weights after two steps."""
-    host = run_pretraining(tiny_cfg(ph2_records, tmp_path / "host", train_steps=2))
+    # colour jitter given explicitly: the 32-px default (crop + flip) has nothing to place
+    host = run_pretraining(tiny_cfg(ph2_records, tmp_path / "host", train_steps=2,
+                                    color_jitter_strength=0.5))
     device = run_pretraining(tiny_cfg(ph2_records, tmp_path / "device", train_steps=2,
-                                      augment_placement="device"))
+                                      augment_placement="device", color_jitter_strength=0.5))
     np.testing.assert_allclose(device["history"]["loss"], host["history"]["loss"], rtol=1e-4)
     a = _variables(str(tmp_path / "host" / "checkpoints" / "ckpt-2"))
     b = _variables(str(tmp_path / "device" / "checkpoints" / "ckpt-2"))

@@ -114,7 +114,8 @@ def test_no_ids_or_source_paths_leak_and_splits_are_disjoint(tmp_path):
                       "--batch_size=4", "--train_steps=2", "--steps_per_epoch=1",
                       "--knn_monitor=true", "--verbose=2",
                       # the speed options go through the same CLI and logs
-                      "--cache_decoded", "--augment_placement=device"], tmp_path / "train.log")
+                      "--cache_decoded", "--augment_placement=device",
+                      "--color_jitter_strength=0.5"], tmp_path / "train.log")
 
     ft_dir, export_dir = tmp_path / "finetuned", tmp_path / "export"
     tiny = ["--backbone=resnet18", "--width_multiplier=0.125", "--image_size=32"]
