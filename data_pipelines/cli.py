@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 
 from data_pipelines import cli_errors, prepare, schema, sources, writer
+from data_pipelines.sources import chexpert, dicom  # light: their choices only
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(sources.SOURCES), "Dataset layout to convert.")
@@ -38,14 +39,14 @@ flags.DEFINE_integer("max_image_pixels", prepare.DEFAULT_MAX_PIXELS, "Reject ima
                      "declared width x height exceeds this, before decoding them (guards "
                      "against decompression bombs).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace records already in --output_dir.")
-flags.DEFINE_enum("chexpert_labels", "all", ["all", "competition"],
+flags.DEFINE_enum("chexpert_labels", "all", list(chexpert.LABEL_SETS),
                   "chexpert: the 14 observations, or the paper's 5 competition tasks "
                   "(Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).")
-flags.DEFINE_enum("chexpert_case", "patient", ["patient", "study"],
+flags.DEFINE_enum("chexpert_case", "patient", list(chexpert.CASE_KEYS),
                   "chexpert: one case per patient (labels of the patient's first study) or per "
                   "study.")
 flags.DEFINE_bool("frontal_only", False, "chexpert: reject lateral views (counted rejections).")
-flags.DEFINE_enum("dicom_case", "patient", ["patient", "study"],
+flags.DEFINE_enum("dicom_case", "patient", list(dicom.CASE_KEYS),
                   "dicom: one case per PatientID, or per PatientID + StudyInstanceUID.")
 flags.DEFINE_string("dicom_labels", None, "dicom: optional CSV with a 'label' column and a "
                     "'SOPInstanceUID' or 'file' (path relative to --input) column.")

@@ -9,8 +9,9 @@ missing):
   3. pretrain    SimCLR and MICLe from that encoder, same steps, same seed
   4. sweep       fine-tune scratch / SimCLR / MICLe at each label fraction (and seed),
                  evaluate case-level on the test split with bootstrap CIs
-  5. compare     paired bootstrap differences of test AUC between inits on the same cases, and
-                 same-lesion kNN retrieval on held-out lesions (label-free)
+  5. compare     paired bootstrap differences of test AUC between inits on the same cases
+                 (per seed, and averaged over seeds when there are several), and
+                 same-lesion retrieval on held-out lesions (label-free)
   6. export      the best model by *validation* AUC: temperature scaling fitted on the
                  validation lesions, test evaluation with calibration before/after, a
                  SavedModel serving the scaled probabilities with its model card, checked in a
@@ -62,7 +63,8 @@ class DemoSettings:
 # label-efficiency sweep over four fractions and three fine-tuning seeds.
 REPRODUCE = DemoSettings(fractions=(0.1, 0.25, 0.5, 1.0), seeds=(0, 1, 2))
 
-COMPARISONS_FORMAT = 2  # comparisons.json layout (2: retrieval with CIs and paired differences)
+COMPARISONS_FORMAT = 3  # comparisons.json layout (2: retrieval with CIs and paired differences;
+# 3: + seed-averaged AUC and differences with several seeds)
 
 QUICK = DemoSettings(width_multiplier=0.125, pretrain_batch_size=32, pretrain_steps=8,
                      pretrain_steps_per_epoch=4, finetune_steps=8, finetune_batch_size=32,
@@ -148,38 +150,87 @@ def retrieval(workdir, records, encoder_dirs, s):
                               title="Same-lesion retrieval on held-out (test) lesions")
 
 
-def paired_comparisons(records, sweep, s, pairs=(("micle", "none"), ("simclr", "none"),
-                                                 ("micle", "simclr"))):
-    """Paired bootstrap over test cases of AUC(A) - AUC(B) for runs at the same fraction/seed."""
+PAIRS = (("micle", "none"), ("simclr", "none"), ("micle", "simclr"))
+
+
+def sweep_test_predictions(records, sweep):
+    """{(init, fraction, seed): (case ids, case probabilities, case labels)} of every sweep
+    run on the test split (best checkpoint, case level), all in the first run's case order."""
     import keras
 
     from micle_tf.evaluation import metrics
-    info = read_info(records)
-    cache = {}
+    out, order = {}, None
     for row in sweep["rows"]:
         keras.utils.clear_session()
         model, cfg, _ = rundir.load_classifier(row["model_dir"], "best")
         case_ids, labels, p = inference.predict_split(model, records, "test",
                                                       cfg.model.image_size)
         ids, cp, cl = metrics.aggregate_by_case(case_ids, p, labels)
-        cache[(row["init"], row["label_fraction"], row["seed"])] = (ids, cp, cl)
+        if order is None:
+            order = list(ids)
+        where = {c: i for i, c in enumerate(ids)}
+        if set(where) != set(order):
+            raise ValueError(f"{row['model_dir']} was evaluated on other test cases")
+        take = [where[c] for c in order]
+        out[(row["init"], float(row["label_fraction"]), row["seed"])] = (
+            np.asarray(order), cp[take], cl[take])
+    return out
+
+
+def paired_comparisons(records, sweep, s, pairs=PAIRS, predictions=None):
+    """Paired bootstrap over test cases of AUC(A) - AUC(B) for runs at the same fraction/seed."""
+    from micle_tf.evaluation import metrics
+    info = read_info(records)
+    if predictions is None:
+        predictions = sweep_test_predictions(records, sweep)
     out = []
     for a, b in pairs:
         for fraction in s.fractions:
             for seed in s.seeds:
                 ka, kb = (a, float(fraction), seed), (b, float(fraction), seed)
-                if ka not in cache or kb not in cache:
+                if ka not in predictions or kb not in predictions:
                     continue
-                ids_a, pa, la = cache[ka]
-                ids_b, pb, _ = cache[kb]
-                order = {c: i for i, c in enumerate(ids_b)}
-                pb = pb[[order[c] for c in ids_a]]
+                ids, pa, labels = predictions[ka]
                 d = metrics.paired_bootstrap_difference(
-                    la, pa, pb, np.asarray(ids_a), info["task"], info["label_names"],
+                    labels, pa, predictions[kb][1], ids, info["task"], info["label_names"],
                     metric="auc_macro", n_boot=s.n_boot, seed=s.seed)
                 out.append({"a": a, "b": b, "label_fraction": float(fraction), "seed": seed,
                             **d})
     return out
+
+
+def seed_averaged(predictions, task, label_names, s, pairs=PAIRS):
+    """Test AUC averaged over the seeds of each init and fraction, and the seed-averaged
+    paired differences A - B (seed s of A with seed s of B), each with a case-bootstrap CI
+    (`metrics.seed_averaged_bootstrap`: one resample of test cases applied to every run).
+    Only seeds that every compared run has are used."""
+    from micle_tf.evaluation import metrics
+    inits = sorted({k[0] for k in predictions})
+    auc, differences = [], []
+    for fraction in s.fractions:
+        fraction = float(fraction)
+        for init in inits:
+            seeds = [x for x in s.seeds if (init, fraction, x) in predictions]
+            if not seeds:
+                continue
+            runs = [predictions[(init, fraction, x)] for x in seeds]
+            r = metrics.seed_averaged_bootstrap(
+                runs[0][2], [p for _, p, _ in runs], runs[0][0], task, label_names,
+                n_boot=s.n_boot, seed=s.seed)
+            auc.append({"init": init, "label_fraction": fraction, "seeds": seeds, **r})
+        for a, b in pairs:
+            seeds = [x for x in s.seeds
+                     if (a, fraction, x) in predictions and (b, fraction, x) in predictions]
+            if not seeds:
+                continue
+            ra = [predictions[(a, fraction, x)] for x in seeds]
+            rb = [predictions[(b, fraction, x)] for x in seeds]
+            r = metrics.seed_averaged_bootstrap(
+                ra[0][2], [p for _, p, _ in ra], ra[0][0], task, label_names,
+                probs_by_seed_b=[p for _, p, _ in rb], n_boot=s.n_boot, seed=s.seed)
+            differences.append({"a": a, "b": b, "label_fraction": fraction, "seeds": seeds,
+                                **r})
+    return {"auc": auc, "differences": differences}
 
 
 def pick_best(sweep):
@@ -276,8 +327,13 @@ def run_demo(workdir, s):
     fresh = sweep["counts"]["trained"] > 0 or sweep["counts"]["evaluated"] > 0
     cached = None if fresh else rundir.read_json(os.path.join(workdir, "comparisons.json"))
     if cached is None or cached.get("format") != COMPARISONS_FORMAT:
+        predictions = sweep_test_predictions(records, sweep)
+        info = read_info(records)
         cached = {"format": COMPARISONS_FORMAT,
-                  "comparisons": paired_comparisons(records, sweep, s),
+                  "comparisons": paired_comparisons(records, sweep, s, predictions=predictions),
+                  "seed_averaged": (seed_averaged(predictions, info["task"],
+                                                  info["label_names"], s)
+                                    if len(s.seeds) > 1 else None),
                   "retrieval": retrieval(workdir, records,
                                          {"start": start, "simclr": pretrained["simclr"][0],
                                           "micle": pretrained["micle"][0]}, s)}
@@ -285,6 +341,7 @@ def run_demo(workdir, s):
     else:
         logging.info("micle-demo: comparisons computed earlier (reused)")
     comparisons, retrieval_scores = cached["comparisons"], cached["retrieval"]
+    averaged = cached.get("seed_averaged")
     timings["compare"] = time.time() - t
 
     t = _stage("6/7 export")
@@ -310,7 +367,8 @@ def run_demo(workdir, s):
     t = _stage("7/7 report")
     from micle_tf.demo_report import write_demo_report
     path = write_demo_report(workdir, s, records, pretrained, sweep, comparisons,
-                             retrieval_scores, best, best_val_auc, exported, check, timings)
+                             retrieval_scores, best, best_val_auc, exported, check, timings,
+                             seed_averaged=averaged)
     timings["report"] = time.time() - t
     logging.info("micle-demo: report at %s (%.0f s in all)", path, sum(timings.values()))
     return path

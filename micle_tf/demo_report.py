@@ -110,8 +110,77 @@ def _calibration_lines(workdir, best):
     return out
 
 
+def _verdict(significant, diff):
+    return ("**A better**" if significant and diff > 0 else
+            "**B better**" if significant else "not distinguishable")
+
+
+def _chance_note(n):
+    return (f"The CIs are not corrected for multiple comparisons: with {n} comparisons about "
+            f"{0.05 * n:.1f} would exclude 0 by chance alone.")
+
+
+def _seed_averaged_lines(averaged, s):
+    """Mean test AUC over seeds per init and fraction, and the seed-averaged paired
+    differences, each with its case-bootstrap CI and the per-seed values."""
+    names = {"none": "scratch"}
+    inits = sorted({r["init"] for r in averaged["auc"]}, key=lambda i: (i != "none", i))
+    by = {(r["init"], r["label_fraction"]): r for r in averaged["auc"]}
+    seeds = ", ".join(map(str, s.seeds))
+    lines = [f"### Averaged over seeds {seeds}", "",
+             "Test AUC of each init averaged over its seeds; the 95% CI resamples test lesions "
+             "(one resample applied to every seed's run), so it covers the choice of test "
+             "lesions for the seed average. The seeds themselves are not resampled: the "
+             "per-seed range shows how far one seed moves the value.", "",
+             "| label fraction | " + " | ".join(names.get(i, i) for i in inits) + " |",
+             "|---|" + "---|" * len(inits)]
+    for fraction in sorted({r["label_fraction"] for r in averaged["auc"]}):
+        cells = []
+        for init in inits:
+            r = by.get((init, fraction))
+            vals = [v for v in (r or {}).get("per_seed", []) if v is not None]
+            cells.append("—" if r is None else
+                         f"{_f(r['value'])} {_ci(r['ci95'])} (seeds {_f(min(vals))}–"
+                         f"{_f(max(vals))})" if vals else f"{_f(r['value'])}")
+        lines.append(f"| {fraction:g} | " + " | ".join(cells) + " |")
+    lines += ["", "| fraction | A − B | mean difference over seeds [95% CI] | per seed | "
+              "verdict |", "|---|---|---|---|---|"]
+    for d in averaged["differences"]:
+        per_seed = ", ".join(_f(v) for v in d["per_seed"])
+        lines.append(f"| {d['label_fraction']:g} | {names.get(d['a'], d['a'])} − "
+                     f"{names.get(d['b'], d['b'])} | {_f(d['value'])} {_ci(d['ci95'])} | "
+                     f"{per_seed} | {_verdict(d['significant'], d['value'] or 0.0)} |")
+    n_sig = sum(1 for d in averaged["differences"] if d["significant"])
+    n = len(averaged["differences"])
+    lines += ["", f"{n_sig} of {n} seed-averaged differences have a CI that excludes 0. "
+              + _chance_note(n), ""]
+    return lines
+
+
+def _per_seed_comparison_lines(comparisons, num_seeds):
+    lines = ["### Each seed", "",
+             "Paired bootstrap over the same test lesions (AUC of A minus AUC of B)"
+             + (", one run of A and one of B with the same seed." if num_seeds > 1 else "."),
+             "", "| fraction | seed | A − B | difference [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
+    if num_seeds <= 1:
+        lines = lines[2:]
+    for c in comparisons:
+        lines.append(f"| {c['label_fraction']:g} | {c.get('seed', '')} | {c['a']} − {c['b']} | "
+                     f"{_f(c['diff'])} {_ci(c['ci95'])} | "
+                     f"{_verdict(c['significant'], c['diff'] or 0.0)} |")
+    n_sig = sum(1 for c in comparisons if c["significant"])
+    lines += ["", f"{n_sig} of {len(comparisons)} comparisons have a CI that excludes 0"
+              + ("; the rest are within noise on this data." if n_sig < len(comparisons)
+                 else ".") + " " + _chance_note(len(comparisons))
+              + (" One seed per setting says nothing about run-to-run variation (add seeds "
+                 "with --seeds, or run micle-demo --reproduce)." if num_seeds <= 1 else ""),
+              ""]
+    return lines
+
+
 def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retrieval, best,
-                      best_val_auc, exported, check, timings):
+                      best_val_auc, exported, check, timings, seed_averaged=None):
     info = read_info(records)
     plot_pretraining_curves(pretrained, os.path.join(workdir, "pretraining.png"))
     lines = ["# micle-demo report", ""]
@@ -183,22 +252,10 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
                      f"{row.get('num_labelled_cases')} | {_f(row.get('auc_macro'))} "
                      f"{_ci(ci.get('auc_macro'))} | {_f(row.get('top1'))} {_ci(ci.get('top1'))} |")
     lines += ["", f"![label efficiency](sweep/{sweep.get('plot', 'label_efficiency.png')})", "",
-              "## Are the differences larger than their confidence intervals?", "",
-              "Paired bootstrap over the same test lesions (AUC of A minus AUC of B).", "",
-              "| fraction | A − B | difference [95% CI] | verdict |", "|---|---|---|---|"]
-    for c in comparisons:
-        verdict = ("**A better**" if c["significant"] and c["diff"] > 0 else
-                   "**B better**" if c["significant"] else "not distinguishable")
-        lines.append(f"| {c['label_fraction']:g} | {c['a']} − {c['b']} | {_f(c['diff'])} "
-                     f"{_ci(c['ci95'])} | {verdict} |")
-    n_sig = sum(1 for c in comparisons if c["significant"])
-    lines += ["", f"{n_sig} of {len(comparisons)} comparisons have a CI that excludes 0"
-              + ("; the rest are within noise on this data." if n_sig < len(comparisons)
-                 else ".")
-              + f" The CIs are not corrected for multiple comparisons: with {len(comparisons)} "
-              f"comparisons about {0.05 * len(comparisons):.1f} would exclude 0 by chance "
-              "alone, and one seed per setting says nothing about run-to-run variation "
-              "(add seeds with --seeds).", ""]
+              "## Are the differences larger than their confidence intervals?", ""]
+    if seed_averaged:
+        lines += _seed_averaged_lines(seed_averaged, s)
+    lines += _per_seed_comparison_lines(comparisons, len(s.seeds))
     lines += ["## Exported model", "",
               f"- Chosen by validation AUC ({_f(best_val_auc)}): `{best['init']}` at label "
               f"fraction {best['label_fraction']:g}, seed {best['seed']}.",
@@ -226,7 +283,7 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
                "pretraining": {m: {k: v for k, v in summ.items() if k != "history"}
                                for m, (_, summ) in pretrained.items()},
                "retrieval": retrieval, "sweep_rows": sweep["rows"],
-               "comparisons": comparisons, "exported": {"init": best["init"],
+               "comparisons": comparisons, "seed_averaged": seed_averaged, "exported": {"init": best["init"],
                                                         "label_fraction": best["label_fraction"],
                                                         "val_auc": best_val_auc},
                "fresh_process_check": check, "timings": timings}

@@ -164,10 +164,13 @@ def resolve_checkpoint(path):
     raise FileNotFoundError(f"checkpoint {path} not found")
 
 
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
 def classifier_checkpoint(model_dir, which="best"):
     """The checkpoint prefix `which` ("best" | "latest") of a fine-tuning model_dir. "best"
     falls back to the latest checkpoint (with a warning) when no best one was saved."""
-    if which not in ("best", "latest"):
+    if which not in CHECKPOINT_CHOICES:
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
     if which == "best":

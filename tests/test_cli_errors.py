@@ -39,6 +39,9 @@ def _commands(tmp):
         "evaluate_group_size": m + ["micle_tf.cli.evaluate", f"--data_dir={records}",
                                     f"--model_dir={tmp / 'no_model'}", "--split=train",
                                     "--subgroups=sex", "--min_group_size=0"],
+        "evaluate_subgroups_retrieval": m + ["micle_tf.cli.evaluate", f"--data_dir={records}",
+                                             f"--model_dir={tmp / 'no_model'}", "--split=train",
+                                             "--retrieval", "--subgroups=sex"],
         "export_intended_use": m + ["micle_tf.cli.export", f"--model_dir={tmp / 'no_model'}",
                                     f"--export_dir={tmp / 'e2'}", "--intended_use=research",
                                     f"--intended_use_file={tmp / 'use.md'}"],
@@ -118,6 +121,8 @@ def test_calibration_subgroup_and_card_flags(results):
     assert not (tmp / "fc").exists()  # refused before training
     line, _ = _user_error(results, "evaluate_group_size", "micle-evaluate")
     assert "--min_group_size must be >= 1" in line
+    line, _ = _user_error(results, "evaluate_subgroups_retrieval", "micle-evaluate")
+    assert "--subgroups apply to evaluating one fine-tuned --model_dir, not to --retrieval" in line
     line, _ = _user_error(results, "export_intended_use", "micle-export")
     assert "--intended_use or --intended_use_file" in line
 

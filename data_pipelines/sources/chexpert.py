@@ -86,6 +86,9 @@ def view_tag(frontal_lateral, projection):
     return ""
 
 
+LABEL_SETS = ("all", "competition")  # --chexpert_labels
+CASE_KEYS = ("patient", "study")  # --chexpert_case
+
 def _label_names(chexpert_labels, label_names):
     if label_names:
         return check_label_names(label_names, OBSERVATIONS, "chexpert")
@@ -93,7 +96,7 @@ def _label_names(chexpert_labels, label_names):
         return list(OBSERVATIONS)
     if chexpert_labels == "competition":
         return list(COMPETITION)
-    raise ValueError(f"chexpert_labels must be 'all' or 'competition', got {chexpert_labels!r}")
+    raise ValueError(f"chexpert_labels must be one of {LABEL_SETS}, got {chexpert_labels!r}")
 
 
 def _parse_codes(row, names):
@@ -131,8 +134,8 @@ def build(input_path=None, label_names=None, task="multilabel", chexpert_labels=
         raise ValueError("the chexpert source needs --input=path/to/CheXpert-v1.0-small/train.csv")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input CSV not found: {input_path}")
-    if chexpert_case not in ("patient", "study"):
-        raise ValueError(f"chexpert_case must be 'patient' or 'study', got {chexpert_case!r}")
+    if chexpert_case not in CASE_KEYS:
+        raise ValueError(f"chexpert_case must be one of {CASE_KEYS}, got {chexpert_case!r}")
     names = _label_names(chexpert_labels, label_names)
     csv_dir = os.path.dirname(os.path.abspath(input_path))
     csv_name = os.path.basename(input_path)

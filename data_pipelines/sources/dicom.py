@@ -179,6 +179,8 @@ def _norm_file(name):
     return name
 
 
+CASE_KEYS = ("patient", "study")  # --dicom_case
+
 def build(input_path=None, label_names=None, task="multiclass", dicom_case="patient",
           dicom_labels=None, **_):
     pydicom = _pydicom()
@@ -188,8 +190,8 @@ def build(input_path=None, label_names=None, task="multiclass", dicom_case="pati
         raise ValueError("the dicom source needs --input=path/to/dicom_folder")
     if not os.path.isdir(input_path):
         raise NotADirectoryError(f"--input must be a folder of DICOM files: {input_path}")
-    if dicom_case not in ("patient", "study"):
-        raise ValueError(f"dicom_case must be 'patient' or 'study', got {dicom_case!r}")
+    if dicom_case not in CASE_KEYS:
+        raise ValueError(f"dicom_case must be one of {CASE_KEYS}, got {dicom_case!r}")
     if task not in ("multiclass", "multilabel"):
         raise ValueError(f"unknown task {task!r}")
     root = os.path.abspath(input_path)

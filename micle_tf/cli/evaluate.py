@@ -31,16 +31,18 @@ import sys
 from absl import app, flags
 
 from micle_tf.cli import common
+from micle_tf.evaluation.metrics import LEVELS
 from micle_tf.evaluation.subgroups import DEFAULT_MIN_GROUP_SIZE
+from micle_tf.rundir import CHECKPOINT_CHOICES
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("split", None, "Split to evaluate (with --sweep: default test).")
-flags.DEFINE_enum("level", "case", ["case", "image"], "case: average each case's image "
+flags.DEFINE_enum("level", "case", list(LEVELS), "case: average each case's image "
                   "probabilities first; image: every image counts. CIs always resample cases.")
 flags.DEFINE_integer("n_boot", 1000, "Case-bootstrap resamples for the 95% CIs (0 = none).")
 flags.DEFINE_integer("eval_seed", 0, "Bootstrap seed.")
-flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
+flags.DEFINE_enum("which", "best", list(CHECKPOINT_CHOICES), "Checkpoint to evaluate.")
 flags.DEFINE_string("out_dir", None, "Where outputs go (default: --model_dir).")
 flags.DEFINE_integer("eval_batch_size", 256, "Prediction batch size.")
 flags.DEFINE_string("shift_data_dir", None, "Also evaluate on this dataset (distribution "
@@ -89,9 +91,29 @@ def _sweep_config(inits):
     return common.finetune_config_from_flags(list(inits.values()))
 
 
+# Flags of one run's evaluation that --sweep and --retrieval do not apply (refused, not ignored).
+SINGLE_RUN_FLAGS = ("subgroups", "min_group_size", "shift_data_dir", "shift_split", "which",
+                    "use_temperature")
+
+
+def check_mode_flags():
+    if FLAGS.sweep and FLAGS.retrieval:
+        raise app.UsageError("--sweep and --retrieval exclude each other")
+    mode = "--sweep" if FLAGS.sweep else "--retrieval" if FLAGS.retrieval else None
+    if mode:
+        given = [f"--{name}" for name in SINGLE_RUN_FLAGS if FLAGS[name].present]
+        if given:
+            raise app.UsageError(f"{', '.join(given)} apply to evaluating one fine-tuned "
+                                 f"--model_dir, not to {mode}; evaluate a run directory "
+                                 f"(e.g. one of the sweep's) with them instead")
+    if FLAGS.compare_to and not FLAGS.retrieval:
+        raise app.UsageError("--compare_to needs --retrieval")
+
+
 def main(argv):
     del argv
     common.setup_logging()
+    check_mode_flags()
     from micle_tf.evaluation import evaluate as ev
     if FLAGS.sweep:
         common.require("data_dir", "sweep_dir")

@@ -25,12 +25,13 @@ from absl import app, flags
 
 from micle_tf.cli import common
 from micle_tf.export.model_card import DEFAULT_MIN_GROUP_SIZE
+from micle_tf.rundir import CHECKPOINT_CHOICES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "micle-finetune output directory (finetune_config.json, "
                     "best/ and checkpoints/).")
 flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (e.g. BASE/1 for TF Serving).")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to export: the "
+flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINT_CHOICES), "Which checkpoint to export: the "
                   "best by validation (falls back to latest when there is none) or the latest.")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --export_dir.")
 flags.DEFINE_bool("calibrate", False, "Fit temperature scaling on the validation split first "

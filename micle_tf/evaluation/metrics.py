@@ -459,6 +459,10 @@ def bootstrap_ci(labels, probs, groups, task: str, label_names: Sequence[str], n
 # ----------------------------------------------------------------------------------------------
 # Top-level evaluation
 # ----------------------------------------------------------------------------------------------
+# case: average each case's image probabilities first; image: every image counts.
+LEVELS = ("case", "image")
+
+
 def evaluate_predictions(case_ids, labels, probs, task: str, label_names: Sequence[str],
                          level: str = "case", n_boot: int = 1000, seed: int = 0,
                          label_fraction: Optional[float] = None, init_from: Optional[str] = None,
@@ -476,7 +480,7 @@ def evaluate_predictions(case_ids, labels, probs, task: str, label_names: Sequen
     ``auc/<name>``, and the sensitivity/specificity keys where defined; ``{}`` when
     ``n_boot == 0``) and ``ci95_skipped`` ({metric: resamples where it was undefined}).
     """
-    if level not in ("case", "image"):
+    if level not in LEVELS:
         raise ValueError(f"level must be 'case' or 'image', got {level!r}")
     case_ids = np.asarray(case_ids)
     labels_v, probs_v = _validate(labels, probs, task, label_names)
@@ -561,3 +565,54 @@ def paired_bootstrap_difference(labels, probs_a, probs_b, groups, task: str,
         "n_boot": int(n_boot),
         "n_skipped": int(np.isnan(d).sum()),
     }
+
+
+def seed_averaged_bootstrap(labels, probs_by_seed, groups, task: str,
+                            label_names: Sequence[str], probs_by_seed_b=None,
+                            metric: str = "auc_macro", n_boot: int = 1000, seed: int = 0,
+                            alpha: float = 0.05, threshold: float = 0.5) -> Dict[str, Any]:
+    """The mean over seeds of ``metric`` for runs that differ only by their seed, all on the
+    SAME rows, with a case-bootstrap CI: each resample of cases is applied to every run and the
+    runs' values are averaged, so the CI covers the choice of test cases for the seed-averaged
+    value. With ``probs_by_seed_b`` (one run of B per run of A, paired by position) it is the
+    mean over seeds of ``metric(A_s) - metric(B_s)``, paired as in
+    ``paired_bootstrap_difference``. The seeds themselves are not resampled: with few seeds the
+    spread between them (``per_seed``) says how much a new seed could move the value.
+
+    Returns ``{"metric", "value", "ci95", "significant" (difference only), "per_seed",
+    "num_seeds", "n_boot", "n_skipped"}``; ``value`` is None when any run's value is undefined."""
+    probs_by_seed = list(probs_by_seed)
+    if not probs_by_seed:
+        raise ValueError("no runs to average")
+    paired = probs_by_seed_b is not None
+    if paired:
+        probs_by_seed_b = list(probs_by_seed_b)
+        if len(probs_by_seed_b) != len(probs_by_seed):
+            raise ValueError(f"{len(probs_by_seed)} runs of A but {len(probs_by_seed_b)} of B")
+    runs = probs_by_seed + (probs_by_seed_b if paired else [])
+    for p in runs[1:]:
+        if np.shape(p) != np.shape(runs[0]):
+            raise ValueError(f"runs have different shapes {np.shape(runs[0])} and "
+                             f"{np.shape(p)}: they must be predictions on the same rows")
+    engines = [_MetricEngine(labels, p, task, label_names, threshold) for p in runs]
+    if metric not in engines[0].available():
+        raise ValueError(f"unknown metric {metric!r}; available: {engines[0].available()}")
+    points = [_point_value(compute_metrics(labels, p, task, label_names, threshold), metric)
+              for p in runs]
+    samples = [s[metric] for s in _bootstrap_samples(engines[0], groups, [metric], n_boot,
+                                                      seed, extra_engines=engines[1:])]
+    k = len(probs_by_seed)
+    if paired:
+        per_seed = [None if a is None or b is None else float(a - b)
+                    for a, b in zip(points[:k], points[k:])]
+        draws = np.mean([samples[i] - samples[k + i] for i in range(k)], axis=0)
+    else:
+        per_seed = [None if a is None else float(a) for a in points]
+        draws = np.mean(samples, axis=0)
+    lo, hi = _percentile_ci(draws, alpha)
+    value = None if any(v is None for v in per_seed) else float(np.mean(per_seed))
+    out = {"metric": metric, "value": value, "ci95": [lo, hi], "per_seed": per_seed,
+           "num_seeds": k, "n_boot": int(n_boot), "n_skipped": int(np.isnan(draws).sum())}
+    if paired:
+        out["significant"] = bool(lo is not None and (lo > 0 or hi < 0))
+    return out

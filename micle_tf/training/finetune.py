@@ -229,9 +229,8 @@ def run_finetuning(cfg):
     history = run.fit(train_data, [validation], should_stop=lambda: validation.early_stopped,
                       shard_check=lambda: reader.verify_shards(
                           cfg.data_dir, cfg.train_split, info=info, parse=False))
-    previous = None  # a resumed run keeps the earlier invocations' history and wall time
-    if run.restored:
-        previous = rundir.read_json(os.path.join(cfg.model_dir, SUMMARY_FILE))
+    # a resumed run keeps the earlier invocations' history and wall time
+    previous = run.previous_summary(SUMMARY_FILE)
     history = continued(previous, history)
     bstate = validation.state
     summary = run.summary(

@@ -16,7 +16,7 @@ from micle_tf.models.contrastive import METHODS, ContrastiveModel
 from micle_tf.models.factory import build_encoder, build_projection_head
 from micle_tf.rundir import load_encoder_weights
 from micle_tf.training import callbacks as cb
-from micle_tf.training.runner import Run, last
+from micle_tf.training.runner import Run, continued, last
 
 SUMMARY_FILE = rundir.PRETRAIN_SUMMARY_FILE
 CONFIG_FILE = rundir.PRETRAIN_CONFIG_FILE
@@ -74,12 +74,16 @@ def run_pretraining(cfg):
     callbacks.append(health)  # before TensorBoard: it adds contrastive_accuracy_over_chance
     history = run.fit(lambda first_epoch: source.train_data(run, aug, first_epoch), callbacks,
                       shard_check=source.shard_check)
+    # a run resumed after it finished (e.g. more --train_steps) keeps the earlier history
+    previous = run.previous_summary(SUMMARY_FILE)
+    history = continued(previous, history)
     summary = run.summary(
-        history, facts, method=cfg.method,
+        history, facts, previous=previous, method=cfg.method,
         final_contrastive_accuracy=last(history, "contrastive_accuracy"),
         learning_health=learning_health(history, cfg.batch_size, run.warmup_steps,
                                         int(model.optimizer.iterations.numpy()), health),
-        knn_monitor=knn.history if knn else [])
+        knn_monitor=list((previous or {}).get("knn_monitor") or []) +
+        (knn.history if knn else []))
     run.write(SUMMARY_FILE, summary)
     return summary
 

@@ -187,6 +187,16 @@ class Run:
         self.start_step = int(self.model.optimizer.iterations.numpy())
         return self.restored
 
+    def previous_summary(self, filename):
+        """The summary an earlier invocation of this resumed run wrote, when it ended exactly
+        where this one resumed (so histories join without a gap); else None."""
+        if not self.restored:
+            return None
+        previous = rundir.read_json(os.path.join(self.cfg.model_dir, filename))
+        if previous is None or previous.get("final_step") != self.start_step:
+            return None
+        return previous
+
     def log_start(self, what):
         logging.info("%s: %d steps (%d per epoch, warmup %d), peak lr %.4g, global batch %d on "
                      "%d replica(s), starting at step %d", what, self.total_steps,

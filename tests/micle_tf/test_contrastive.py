@@ -79,14 +79,16 @@ def test_device_augment_finishes_the_host_pipeline_views(ph2_records):
     from data_pipelines import reader
     from micle_tf import augment
 
+    # colour jitter given explicitly: the 32-px default (crop + flip) has nothing to place
     def first_batch(placement):
         ds = reader.make_dataset(ph2_records, "train", "micle", 16, 32, seed=5,
-                                 augment_fn=augment.build_augment("derm", 32, placement))
+                                 augment_fn=augment.build_augment("derm", 32, placement,
+                                                                  color_jitter_strength=1.0))
         return next(iter(ds))
 
     host, device = first_batch("host"), first_batch("device")
     assert "view1_augment_params" not in host
-    post = augment.post_crop("derm")
+    post = augment.post_crop("derm", 32, 1.0)
     assert device["view1_augment_params"].shape == (16, post.num_params)
     np.testing.assert_array_equal(host["image_indices"], device["image_indices"])
     model = tiny_model(cfg=C.ModelConfig(backbone="resnet18", width_multiplier=0.125,

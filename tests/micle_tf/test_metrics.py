@@ -346,3 +346,62 @@ def test_paired_difference_clearly_better_model():
     r = M.paired_bootstrap_difference(y, p_bad, p_good, ids, "multiclass", names, metric="top1",
                                       n_boot=300)
     assert r["diff"] < 0 and r["ci95"][1] < 0 and r["significant"] is True
+
+
+# ---- seed-averaged values and differences --------------------------------------------------------
+def _seed_runs(k=3, seed=4):
+    """k runs of one model (other seeds) and k of a worse one, on the same rows."""
+    ids, y, _, names = _realistic(seed=seed, n_cases=60, c=3)
+    rng = np.random.default_rng(seed)
+    good = [np.exp(rng.normal(size=(len(y), 3)) + s * np.eye(3)[y]) for s in (1.0, 1.5, 2.0)[:k]]
+    bad = [np.exp(rng.normal(size=(len(y), 3)) + 0.3 * np.eye(3)[y]) for _ in range(k)]
+    norm = [p / p.sum(1, keepdims=True) for p in good + bad]
+    return ids, y, names, norm[:k], norm[k:]
+
+
+def test_seed_averaged_bootstrap_against_explicit_resamples():
+    """Reference: the same draws of cases (default_rng(seed), one up-front [n_boot, cases]
+    array, cases in first-appearance order), each run's AUC recomputed on the explicitly
+    repeated rows, averaged over the runs; percentile CI."""
+    ids, y, names, good, bad = _seed_runs()
+    n_boot = 40
+    got = M.seed_averaged_bootstrap(y, good, ids, "multiclass", names, probs_by_seed_b=bad,
+                                    n_boot=n_boot, seed=7)
+    per_seed = [M.compute_metrics(y, a, "multiclass", names)["auc_macro"]
+                - M.compute_metrics(y, b, "multiclass", names)["auc_macro"]
+                for a, b in zip(good, bad)]
+    assert got["per_seed"] == pytest.approx(per_seed)
+    assert got["value"] == pytest.approx(np.mean(per_seed))
+    _, g_idx = M._first_appearance_unique(np.asarray(ids))
+    g = g_idx.max() + 1
+    draws = np.random.default_rng(7).integers(0, g, size=(n_boot, g))
+    ref = []
+    for draw in draws:
+        rows = np.concatenate([np.flatnonzero(g_idx == c) for c in draw])
+        ref.append(np.mean([M.compute_metrics(y[rows], a[rows], "multiclass", names)["auc_macro"]
+                            - M.compute_metrics(y[rows], b[rows], "multiclass", names)["auc_macro"]
+                            for a, b in zip(good, bad)]))
+    assert got["ci95"] == pytest.approx(list(np.percentile(ref, [2.5, 97.5])))
+    assert got["significant"] is True and got["ci95"][0] > 0 and got["num_seeds"] == 3
+
+
+def test_seed_averaged_bootstrap_one_seed_is_the_paired_difference():
+    ids, y, names, good, bad = _seed_runs(k=1)
+    avg = M.seed_averaged_bootstrap(y, good, ids, "multiclass", names, probs_by_seed_b=bad,
+                                    n_boot=200, seed=3)
+    one = M.paired_bootstrap_difference(y, good[0], bad[0], ids, "multiclass", names,
+                                        n_boot=200, seed=3)
+    assert avg["value"] == pytest.approx(one["diff"])
+    assert avg["ci95"] == pytest.approx(one["ci95"])
+
+
+def test_seed_averaged_value_without_b_and_bad_inputs():
+    ids, y, names, good, _ = _seed_runs(k=2)
+    r = M.seed_averaged_bootstrap(y, good, ids, "multiclass", names, n_boot=100)
+    aucs = [M.compute_metrics(y, p, "multiclass", names)["auc_macro"] for p in good]
+    assert r["value"] == pytest.approx(np.mean(aucs)) and "significant" not in r
+    assert r["ci95"][0] <= r["value"] <= r["ci95"][1]
+    with pytest.raises(ValueError, match="2 runs of A but 1 of B"):
+        M.seed_averaged_bootstrap(y, good, ids, "multiclass", names, probs_by_seed_b=good[:1])
+    with pytest.raises(ValueError, match="same rows"):
+        M.seed_averaged_bootstrap(y, [good[0], good[1][:-1]], ids, "multiclass", names)

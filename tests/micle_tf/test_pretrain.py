@@ -1,5 +1,6 @@
 """Pretraining: exact resume, summary, encoder initialisation, and a learning test (the
 schedule and the shared runner core are tested in test_runner.py)."""
+import dataclasses
 import json
 
 import keras
@@ -75,6 +76,14 @@ def test_resume_replays_exactly(ph2_records, tmp_path):
     assert worst <= 1e-6, worst
     summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
     assert summary["config"]["method"] == "micle" and summary["images_per_second"] > 0
+    # the summary on disk (step 6) is not where this run resumed (4): no history is joined
+    assert len(resumed["history"]["loss"]) == 1
+    # more steps after a finished run: the earlier invocation's history and wall time carry on
+    longer = run_pretraining(dataclasses.replace(cfg, train_steps=8))
+    assert longer["resumed_from_step"] == 6 and longer["final_step"] == 8
+    assert longer["history"]["loss"][:1] == resumed["history"]["loss"]
+    assert len(longer["history"]["loss"]) == 2
+    assert longer["wall_seconds"] > resumed["wall_seconds"]
 
 
 def test_init_checkpoint_starts_encoder_from_another_run(ph2_records, tmp_path):
