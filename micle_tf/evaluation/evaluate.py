@@ -179,16 +179,9 @@ def check_split(model_dir, cfg, facts, data_dir, split):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _level_view(case_ids, labels, probs, level):
-    """(labels, probs, groups) at the evaluation level (case = mean of its images)."""
-    if level == "case":
-        _, p, y = metrics_lib.aggregate_by_case(case_ids, probs, labels)
-        return y, p, np.arange(len(y))
-    return np.asarray(labels), np.asarray(probs), np.asarray(case_ids)
-
-
 def _level_rows(case_ids, labels, probs, level):
-    """(labels, probs, bootstrap groups, case id of each row) at the evaluation level."""
+    """(labels, probs, bootstrap groups, case id of each row) at the evaluation level (case:
+    the mean of its images' probabilities, one row per case)."""
     if level == "case":
         ids, p, y = metrics_lib.aggregate_by_case(case_ids, probs, labels)
         return y, p, np.arange(len(y)), np.asarray(ids)
@@ -353,8 +346,8 @@ def evaluate_model_dir(model_dir, data_dir, split, level="case", n_boot=1000, se
 
 def _unpaired_gap_ci(a, b, task, names, level, n_boot, seed, alpha=0.05):
     """Percentile CI of metric(A) - metric(B) from independent case bootstraps of A and B."""
-    ya, pa, ga = _level_view(*a, level)
-    yb, pb, gb = _level_view(*b, level)
+    ya, pa, ga, _ = _level_rows(*a, level)
+    yb, pb, gb, _ = _level_rows(*b, level)
     _, da = metrics_lib.bootstrap_ci(ya, pa, ga, task, names, n_boot=n_boot, seed=seed,
                                      metrics=GAP_METRICS, return_details=True)
     _, db = metrics_lib.bootstrap_ci(yb, pb, gb, task, names, n_boot=n_boot, seed=seed + 1,
