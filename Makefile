@@ -4,6 +4,8 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 WORKDIR ?= micle_demo_run
+# `make test` runs the suite on this many worker processes (0: one process, no workers).
+TEST_WORKERS ?= 2
 
 .PHONY: install install-dev demo data test bench clean
 
@@ -28,7 +30,7 @@ data: install
 	$(VENV)/bin/micle-data --source=ph2 --output_dir=$(WORKDIR)/records --overwrite
 
 test: install-dev
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: install-dev
 	PYTHON=$(PY) bash bench/run_cpu.sh

@@ -34,8 +34,8 @@ setup(
         # Replaces the CPU wheel: install with `pip uninstall -y tensorflow-cpu` first (never both).
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
         "dicom": ["pydicom>=3.0", "pydicom-data==1.0.0"],
-        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                "pydicom>=3.0", "pydicom-data==1.0.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
+                "ipykernel>=6.29", "pydicom>=3.0", "pydicom-data==1.0.0"],
     },
     entry_points={
         "console_scripts": [

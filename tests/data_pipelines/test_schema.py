@@ -72,7 +72,7 @@ def _raw_example(label_values, n_declared=1, n_images=1):
     (_raw_example([7]), "label/class outside"),
     (_raw_example([0], n_declared=2), "num_images disagrees"),
     (_raw_example([0], n_declared=0, n_images=0), "empty case bag"),
-])
+], ids=["label", "count", "empty"])  # the serialized bytes are no stable id across processes
 def test_parse_rejects_bad_records_naming_the_case(record, match):
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"(?s){match}.*case-xyz"):
         _parse(record)
