@@ -19,7 +19,10 @@ Definitions
 * Group size = its number of CASES (distinct ``groups``), not images. A group with fewer than
   ``min_group_size`` cases is suppressed: it is listed with ``"n_cases": "n < k"`` and no
   metric, and takes no part in the worst group or the gap (a small group's metrics are noise,
-  and its size could single out patients).
+  and its size could single out patients). When exactly one group of an attribute is
+  suppressed, the smallest reported group's size is withheld too (``"n >= k (withheld)"``, no
+  ``num_samples``; its metrics stay): otherwise the split's case count minus the others would
+  give the suppressed size away (complementary suppression, ``hidden_sizes``).
 * Worst group: per metric, over the reported groups whose value is defined, the lowest value
   of a metric where higher is better (top-1, AUC) and the highest of one where lower is better
   (ECE, Brier, NLL); ties go to the first group in sorted order. Gap: the largest difference
@@ -47,6 +50,21 @@ _CLASSIFICATION = ("top1", "top3", "auc_macro")
 def suppressed_label(min_group_size: int) -> str:
     """What a suppressed group shows instead of its size: "n < k"."""
     return f"n < {int(min_group_size)}"
+
+
+def withheld_label(min_group_size: int) -> str:
+    """What a reported group whose size is withheld shows instead: "n >= k (withheld)"."""
+    return f"n >= {int(min_group_size)} (withheld)"
+
+
+def hidden_sizes(sizes: Mapping[str, int], min_group_size: int) -> set:
+    """The groups of ``{group: size}`` whose size must not be shown: those under
+    ``min_group_size``, and when that is exactly one, the smallest of the others too (ties:
+    the first in sorted order), so that a known total minus the shown sizes reveals nothing."""
+    small = {g for g, n in sizes.items() if n < min_group_size}
+    if len(small) == 1 and len(sizes) > 1:
+        small.add(min((n, g) for g, n in sizes.items() if g not in small)[1])
+    return small
 
 
 def attributes_for_rows(case_ids, case_attributes: Mapping[str, Mapping[str, str]],
@@ -138,8 +156,10 @@ def subgroup_report(labels, probs, task: str, label_names: Sequence[str],
     Returns ``{"metrics", "higher_is_better", "min_group_size", "n_boot", "seed",
     "attributes": {attribute: {"groups": {value: group}, "worst": {metric: {"group", "value"}
     or None}, "gap": {metric: float or None}}}}`` where a reported group is ``{"n_cases",
-    "num_samples", <metric>: value or None, "ci95": {metric: [lo, hi]}, "ci95_skipped"}`` and a
-    suppressed one ``{"n_cases": "n < k", "suppressed": True}``. Groups are sorted by value."""
+    "num_samples", <metric>: value or None, "ci95": {metric: [lo, hi]}, "ci95_skipped"}`` (a
+    group whose size is withheld: ``"n_cases": "n >= k (withheld)"``, ``"size_withheld": True``
+    and no ``num_samples``) and a suppressed one ``{"n_cases": "n < k", "suppressed": True}``.
+    Groups are sorted by value."""
     labels_v, probs_v = _validate(labels, probs, task, label_names)
     n = len(probs_v)
     metrics = list(metrics)
@@ -166,13 +186,20 @@ def subgroup_report(labels, probs, task: str, label_names: Sequence[str],
         if len(values) != n:
             raise ValueError(f"attribute {name!r}: {len(values)} values for {n} rows")
         table: Dict[str, Any] = {}
-        for value in sorted(set(values.tolist())):
-            rows = np.flatnonzero(values == value)
-            n_cases = int(len(np.unique(groups_v[rows])))
+        rows_of = {value: np.flatnonzero(values == value)
+                   for value in sorted(set(values.tolist()))}
+        sizes = {value: int(len(np.unique(groups_v[rows]))) for value, rows in rows_of.items()}
+        hidden = hidden_sizes(sizes, min_group_size)
+        for value, rows in rows_of.items():
+            n_cases = sizes[value]
             if n_cases < min_group_size:
                 table[value] = {"n_cases": suppressed_label(min_group_size), "suppressed": True}
                 continue
-            g = {"n_cases": n_cases, "num_samples": int(len(rows)), "suppressed": False}
+            if value in hidden:
+                g = {"n_cases": withheld_label(min_group_size), "size_withheld": True,
+                     "suppressed": False}
+            else:
+                g = {"n_cases": n_cases, "num_samples": int(len(rows)), "suppressed": False}
             g.update(_group_metrics(labels_v[rows], probs_v[rows], groups_v[rows], task,
                                     label_names, metrics, n_boot, seed, n_bins, threshold,
                                     alpha))
@@ -216,7 +243,9 @@ def subgroup_markdown(report: Mapping[str, Any]) -> str:
     lines = ["## Subgroups", "",
              f"Each attribute separately; 95% CIs from {report['n_boot']} case resamples within "
              f"the group; groups with fewer than {k} cases are suppressed (shown as "
-             f"\"{suppressed_label(k)}\") and excluded from the worst group and the gap.", ""]
+             f"\"{suppressed_label(k)}\") and excluded from the worst group and the gap; "
+             f"when one is, the next smallest group's size is withheld (\"{withheld_label(k)}\")"
+             f" so that it cannot be worked out from the total.", ""]
     for name, a in report["attributes"].items():
         lines += [f"### {name}", "",
                   "| Group | Cases | " + " | ".join(_LABELS[m] for m in metrics) + " |",

@@ -33,6 +33,7 @@ from absl import logging
 
 from data_pipelines.writer import read_info
 from micle_tf import __version__, rundir
+from micle_tf.evaluation import subgroups
 
 MODEL_CARD_VERSION = 1
 CARD_JSON = "model_card.json"
@@ -163,14 +164,11 @@ def _training_info(facts):
 
 def suppress_counts(table, k):
     """{token: count} -> {token: count or "n < k"}: counts below k suppressed; when exactly
-    one is, the next smallest too (complementary suppression: else total minus the others
-    gives it away)."""
-    label = f"n < {int(k)}"
-    small = {t for t, n in table.items() if n < k}
-    if len(small) == 1 and len(table) > 1:
-        rest = sorted((n, t) for t, n in table.items() if t not in small)
-        small.add(rest[0][1])
-    return {t: (label if t in small else int(n)) for t, n in sorted(table.items())}
+    one is, the next smallest too (complementary suppression, ``subgroups.hidden_sizes``: else
+    total minus the others gives it away)."""
+    hidden = subgroups.hidden_sizes(table, k)
+    return {t: (subgroups.suppressed_label(k) if t in hidden else int(n))
+            for t, n in sorted(table.items())}
 
 
 def _splits(split_info):
@@ -575,7 +573,8 @@ def render_markdown(card):
             mets = sub["metrics"]
             lines += ["", f"### {heading}", "",
                       f"Groups with fewer than {sub['min_group_size']} cases are suppressed "
-                      f"(\"n < {sub['min_group_size']}\").", ""]
+                      f"(\"n < {sub['min_group_size']}\"); when one is, the next smallest "
+                      f"group's size is withheld.", ""]
             for name, a in sub["attributes"].items():
                 lines += [f"**{name}**", "", "| Group | Cases | " + " | ".join(mets) + " |",
                           "|---|---|" + "---|" * len(mets)]

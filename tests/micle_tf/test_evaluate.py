@@ -192,11 +192,15 @@ def test_subgroups_with_suppression(micle_run, attr_records, tmp_path):
     got = m["subgroups"]
     assert got["min_group_size"] == k and got["metrics"] == want["metrics"]
     report = (tmp_path / "report_test.md").read_text()
-    suppressed = reported = 0
+    suppressed = reported = num_withheld = 0
     for a in ("sex", "age_band"):
         counts = {v: rows[a].count(v) for v in set(rows[a])}
         groups = got["attributes"][a]["groups"]
         assert set(groups) == set(counts)
+        small = [v for v, n in counts.items() if n < k]
+        # one small group: the smallest reported one withholds its size as well
+        withheld = ({min((n, v) for v, n in counts.items() if n >= k)[1]}
+                    if len(small) == 1 and len(counts) > 1 else set())
         for value, n in counts.items():
             g = groups[value]
             if n < k:
@@ -205,7 +209,13 @@ def test_subgroups_with_suppression(micle_run, attr_records, tmp_path):
                 assert f"| {value} | n < {k} |" in report
             else:
                 reported += 1
-                assert g["n_cases"] == n and not g["suppressed"]
+                assert not g["suppressed"]
+                if value in withheld:
+                    num_withheld += 1
+                    assert g["n_cases"] == f"n >= {k} (withheld)" and g["size_withheld"]
+                    assert f"| {value} | n >= {k} (withheld) |" in report
+                else:
+                    assert g["n_cases"] == n
                 for metric in want["metrics"]:
                     assert g[metric] == pytest.approx(want["attributes"][a]["groups"][value][
                         metric]), (a, value, metric)
@@ -214,6 +224,8 @@ def test_subgroups_with_suppression(micle_run, attr_records, tmp_path):
         assert got["attributes"][a]["worst"] == want["attributes"][a]["worst"]
         assert got["attributes"][a]["gap"] == pytest.approx(want["attributes"][a]["gap"])
     assert suppressed >= 1 and reported >= 3  # "90+" is small in a 30-lesion test split
+    assert num_withheld >= 1 and num_withheld == sum(1 for a in ("sex", "age_band") if sum(
+        1 for v in set(rows[a]) if rows[a].count(v) < k) == 1)
     assert "## Subgroups" in report and "**worst group**" in report
     # an attribute the records lack is a clear error, before predicting
     with pytest.raises(ValueError, match="no case carries the attribute"):

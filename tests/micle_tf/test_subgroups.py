@@ -33,10 +33,15 @@ def test_known_per_group_aucs_worst_and_gap():
     assert g["male"]["auc_macro"] == pytest.approx(2 / 3)
     assert g["female"]["top1"] == pytest.approx(3 / 4)
     assert g["male"]["top1"] == pytest.approx(3 / 5)
-    assert g["female"]["n_cases"] == 4 and g["male"]["n_cases"] == 5
+    assert g["male"]["n_cases"] == 5 and g["male"]["num_samples"] == 5
     # suppression: the size is not shown, no metric is
     assert g["unknown"] == {"n_cases": "n < 3", "suppressed": True}
     assert a["num_suppressed"] == 1
+    # complementary suppression: with one group suppressed, the smallest reported group
+    # (female, 4 cases) withholds its size, else 11 cases - 4 - 5 would give away "unknown"'s 2
+    assert g["female"]["n_cases"] == "n >= 3 (withheld)" and g["female"]["size_withheld"]
+    assert "num_samples" not in g["female"] and not g["female"]["suppressed"]
+    assert "size_withheld" not in g["male"]
     # worst group and gap (the suppressed group's AUC would be 1.0 and its top-1 0.5: ignored)
     assert a["worst"]["auc_macro"] == {"group": "male", "value": pytest.approx(2 / 3)}
     assert a["gap"]["auc_macro"] == pytest.approx(3 / 4 - 2 / 3)
@@ -93,6 +98,30 @@ def test_several_attributes_cases_and_unknown_values():
     md = subgroups.subgroup_markdown(rep)
     assert "### sex" in md and "### age_band" in md and "| female | n < 5 |" in md
     assert "**worst group**" in md and "male (0.667)" in md
+
+
+def test_hidden_sizes_complementary_suppression():
+    assert subgroups.hidden_sizes({"a": 12, "b": 3, "c": 20}, 10) == {"a", "b"}
+    assert subgroups.hidden_sizes({"a": 2, "b": 3, "c": 20}, 10) == {"a", "b"}  # two: enough
+    assert subgroups.hidden_sizes({"a": 12, "c": 20}, 10) == set()
+    assert subgroups.hidden_sizes({"a": 4}, 5) == {"a"}
+    assert subgroups.hidden_sizes({"a": 12, "b": 12, "c": 1}, 10) == {"a", "c"}  # tie: first
+    # what is shown can no longer be turned into the suppressed size: for every table with one
+    # small group, total minus the shown sizes is a sum of at least two hidden sizes
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = {f"g{i}": int(n) for i, n in enumerate(rng.integers(1, 30, rng.integers(2, 6)))}
+        hidden = subgroups.hidden_sizes(sizes, 10)
+        assert {g for g, n in sizes.items() if n < 10} <= hidden
+        assert len(hidden) != 1
+
+
+def test_one_suppressed_group_withholds_the_next_smallest_in_the_markdown():
+    rep = subgroups.subgroup_report(Y, P, "multiclass", NAMES, {"sex": SEX}, min_group_size=3,
+                                    n_boot=20, seed=0)
+    md = subgroups.subgroup_markdown(rep)
+    assert "| unknown | n < 3 |" in md and "| female | n >= 3 (withheld) | 0.750" in md
+    assert "| male | 5 |" in md
 
 
 def test_multilabel_subgroups_and_undefined_auc():
