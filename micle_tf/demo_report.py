@@ -283,9 +283,9 @@ def write_demo_report(workdir, s, records, pretrained, sweep, comparisons, retri
                "pretraining": {m: {k: v for k, v in summ.items() if k != "history"}
                                for m, (_, summ) in pretrained.items()},
                "retrieval": retrieval, "sweep_rows": sweep["rows"],
-               "comparisons": comparisons, "seed_averaged": seed_averaged, "exported": {"init": best["init"],
-                                                        "label_fraction": best["label_fraction"],
-                                                        "val_auc": best_val_auc},
+               "comparisons": comparisons, "seed_averaged": seed_averaged,
+               "exported": {"init": best["init"], "label_fraction": best["label_fraction"],
+                            "val_auc": best_val_auc},
                "fresh_process_check": check, "timings": timings}
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)

@@ -89,6 +89,7 @@ def view_tag(frontal_lateral, projection):
 LABEL_SETS = ("all", "competition")  # --chexpert_labels
 CASE_KEYS = ("patient", "study")  # --chexpert_case
 
+
 def _label_names(chexpert_labels, label_names):
     if label_names:
         return check_label_names(label_names, OBSERVATIONS, "chexpert")

@@ -181,6 +181,7 @@ def _norm_file(name):
 
 CASE_KEYS = ("patient", "study")  # --dicom_case
 
+
 def build(input_path=None, label_names=None, task="multiclass", dicom_case="patient",
           dicom_labels=None, **_):
     pydicom = _pydicom()

@@ -31,8 +31,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "micle-finetune output directory (finetune_config.json, "
                     "best/ and checkpoints/).")
 flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (e.g. BASE/1 for TF Serving).")
-flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINT_CHOICES), "Which checkpoint to export: the "
-                  "best by validation (falls back to latest when there is none) or the latest.")
+flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINT_CHOICES),
+                  "Which checkpoint to export: the best by validation (falls back to latest "
+                  "when there is none) or the latest.")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --export_dir.")
 flags.DEFINE_bool("calibrate", False, "Fit temperature scaling on the validation split first "
                   "when --model_dir has none for the exported checkpoint (calibration.json), "

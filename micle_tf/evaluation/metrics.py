@@ -481,7 +481,7 @@ def evaluate_predictions(case_ids, labels, probs, task: str, label_names: Sequen
     ``n_boot == 0``) and ``ci95_skipped`` ({metric: resamples where it was undefined}).
     """
     if level not in LEVELS:
-        raise ValueError(f"level must be 'case' or 'image', got {level!r}")
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     case_ids = np.asarray(case_ids)
     labels_v, probs_v = _validate(labels, probs, task, label_names)
     if len(case_ids) != len(probs_v):

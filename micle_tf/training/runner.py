@@ -216,14 +216,14 @@ class Run:
             callbacks.append(keras.callbacks.TensorBoard(
                 os.path.join(cfg.model_dir, rundir.LOGS_SUBDIR), update_freq="epoch",
                 write_graph=False))
-        t0 = time.time()
+        t0 = time.monotonic()
         history = fit_segments(
             self.model, make_data, segments(self.start_step, self.steps_per_epoch,
                                             self.total_steps),
             callbacks, self.guard, lambda: self.state.latest,
             verbose=cfg.verbose if self.chief else 0, should_stop=should_stop,
             shard_check=shard_check)
-        self.wall_seconds = time.time() - t0
+        self.wall_seconds = time.monotonic() - t0
         return history
 
     def summary(self, history, dataset, previous=None, **fields):

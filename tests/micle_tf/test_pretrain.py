@@ -2,6 +2,8 @@
 schedule and the shared runner core are tested in test_runner.py)."""
 import dataclasses
 import json
+import time
+import types
 
 import keras
 import numpy as np
@@ -13,6 +15,7 @@ from micle_tf import config as C
 from micle_tf.evaluation import knn
 from micle_tf.inference import embed
 from micle_tf.rundir import load_encoder_weights
+from micle_tf.training import runner
 from micle_tf.training.pretrain import build_pretraining_model, run_pretraining
 
 
@@ -56,7 +59,7 @@ def _variables(prefix):
             if k.startswith(("model/", "optimizer/"))}
 
 
-def test_resume_replays_exactly(ph2_records, tmp_path):
+def test_resume_replays_exactly(ph2_records, tmp_path, monkeypatch):
     cfg = tiny_cfg(ph2_records, tmp_path / "run")
     summary = run_pretraining(cfg)
     assert summary["final_step"] == 6 and np.isfinite(summary["final_loss"])
@@ -79,14 +82,18 @@ def test_resume_replays_exactly(ph2_records, tmp_path):
     # the summary on disk (step 6) is not where this run resumed (4): no history is joined
     assert len(resumed["history"]["loss"]) == 1
     # more steps after a finished run: the earlier invocation's history and wall time carry on
-    # (its recorded wall time set to a marker no single invocation reaches)
+    # (its recorded wall time set to a marker; this invocation's read from a fake clock that
+    # moves 12.5 s between the runner's two readings)
     path = tmp_path / "run" / "pretrain_summary.json"
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), wall_seconds=1e6)))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), wall_seconds=1000.0)))
+    readings = iter([100.0, 112.5])
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(
+        monotonic=lambda: next(readings), perf_counter=time.perf_counter))
     longer = run_pretraining(dataclasses.replace(cfg, train_steps=8))
     assert longer["resumed_from_step"] == 6 and longer["final_step"] == 8
     assert longer["history"]["loss"][:1] == resumed["history"]["loss"]
     assert len(longer["history"]["loss"]) == 2
-    assert longer["wall_seconds"] >= 1e6
+    assert longer["wall_seconds"] == 1012.5
 
 
 def test_init_checkpoint_starts_encoder_from_another_run(ph2_records, tmp_path):
