@@ -22,10 +22,10 @@ except RuntimeError:  # devices already initialised by an earlier import
 
 def pytest_collection_modifyitems(items):
     """Tests that use `two_replica_strategy` run last. Once a distributed dataset has been
-    iterated over the two logical CPUs, every later tf.data pipeline in that process runs with
+    iterated over the two logical CPUs, every later training run in that process has
     several times the system time: the learning test took 45-53 s alone and 73-93 s after the
-    one-second LARS two-replica test. Stable order otherwise, so parallel workers collect the
-    same list."""
+    one-second LARS two-replica test (`python -m bench.strategy_aftereffect` measures it). Stable
+    order otherwise, so parallel workers collect the same list."""
     items.sort(key=lambda item: "two_replica_strategy" in getattr(item, "fixturenames", ()))
 
 
